@@ -1,0 +1,100 @@
+"""llm.c's token shard format: the one place that writes, reads and validates `.bin` shards.
+
+Layout (llm.c dev/data/data_common.py): a header of 256 little-endian int32 — magic 20240520, version 1,
+token count, zeros — followed by the tokens as little-endian uint16.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_DTYPE = np.dtype("<u2")
+
+
+class ShardFormatError(ValueError):
+    """A file that is not a valid llm.c token shard; the message names the file."""
+
+
+def shard_name(prefix: str, index: int) -> str:
+    """llm.c's naming: shard 0 is the validation split, every later shard is train."""
+    split = "val" if index == 0 else "train"
+    return f"{prefix}_{split}_{index:06d}.bin"
+
+
+def encode_header(num_tokens: int) -> bytes:
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (MAGIC, VERSION, num_tokens)
+    return header.tobytes()
+
+
+def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> str:
+    """Write `tokens` as a shard atomically (temp name, fsync, rename); returns the file's sha256."""
+    path = Path(path)
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"{path}: tokens must be 1-D, got shape {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(TOKEN_DTYPE).max):
+        raise ValueError(f"{path}: token ids must fit in uint16")
+    header = encode_header(tokens.size)
+    body = tokens.astype(TOKEN_DTYPE, copy=False).tobytes()
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(partial, "wb") as f:
+        f.write(header)
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+    partial.replace(path)
+    digest = hashlib.sha256(header)
+    digest.update(body)
+    return digest.hexdigest()
+
+
+def read_header(path: str | os.PathLike) -> int:
+    """Validate a shard's header and size; returns its token count."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except OSError as err:
+        raise ShardFormatError(f"{path}: cannot read shard ({err.strerror})") from err
+    if len(raw) < HEADER_BYTES:
+        raise ShardFormatError(f"{path}: truncated header ({len(raw)} of {HEADER_BYTES} bytes)")
+    magic, version, num_tokens = np.frombuffer(raw, dtype="<i4", count=3)
+    if magic != MAGIC:
+        raise ShardFormatError(f"{path}: bad magic {magic}, expected {MAGIC} (not an llm.c token shard)")
+    if version != VERSION:
+        raise ShardFormatError(f"{path}: unsupported version {version}, expected {VERSION}")
+    if num_tokens < 0:
+        raise ShardFormatError(f"{path}: negative token count {num_tokens}")
+    expected = HEADER_BYTES + TOKEN_DTYPE.itemsize * int(num_tokens)
+    if size != expected:
+        kind = "truncated" if size < expected else "size mismatch"
+        raise ShardFormatError(
+            f"{path}: {kind}: {size} bytes on disk, header says {num_tokens} tokens = {expected} bytes"
+        )
+    return int(num_tokens)
+
+
+def read_shard(path: str | os.PathLike) -> np.memmap:
+    """The shard's tokens as a read-only uint16 memmap (validated first)."""
+    num_tokens = read_header(path)
+    if num_tokens == 0:
+        return np.zeros(0, dtype=TOKEN_DTYPE)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
