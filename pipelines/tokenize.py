@@ -96,21 +96,19 @@ class TokenizeDocuments:
         self.filters = filters
         self.encode = gpt2_encoding().encode_ordinary
 
-    def _tokens(self, text: str) -> bytes:
-        tokens = array("H", (EOT_TOKEN,))  # array.fromlist is the cheapest list[int] -> uint16 conversion
-        tokens.fromlist(self.encode(text))
-        return tokens.tobytes()
-
     def __call__(self, batch: pa.Table) -> pa.Table:
         reasons = drop_reasons(batch, self.filters)
         texts = batch["text"].to_pylist()
-        columns = {
-            "file": batch["file"],
-            "row": batch["row"],
-            "reason": pa.array(reasons),
-            "tokens": pa.array([b"" if r else self._tokens(t) for t, r in zip(texts, reasons, strict=True)],
-                               type=pa.large_binary()),
-        }
+        # one uint16 buffer for the whole batch plus offsets: no per-document bytes objects or extra copies
+        tokens, offsets = array("H"), array("q", [0])
+        for text, reason in zip(texts, reasons, strict=True):
+            if not reason:
+                tokens.append(EOT_TOKEN)
+                tokens.fromlist(self.encode(text))
+            offsets.append(2 * len(tokens))
+        token_column = pa.LargeBinaryArray.from_buffers(
+            pa.large_binary(), len(texts), [None, pa.py_buffer(offsets), pa.py_buffer(tokens)])
+        columns = {"file": batch["file"], "row": batch["row"], "reason": pa.array(reasons), "tokens": token_column}
         if self.filters.dedup:
             columns["text_hash"] = pa.array(
                 [0 if r else int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little")
