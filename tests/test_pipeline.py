@@ -131,6 +131,15 @@ def test_jsonl_gz_gives_the_same_tokens_as_parquet(ray_cluster, corpus, tmp_path
     assert [s["sha256"] for s in from_json["shards"]] == [s["sha256"] for s in from_parquet["shards"]]
 
 
+def test_fsspec_urls_read_like_local_paths(ray_cluster, corpus, tmp_path):
+    """The cloud code path (s3://, gs://, hf:// go through fsspec) exercised with file:// URLs."""
+    _, pattern = corpus
+    via_url = run("file://" + pattern, tmp_path / "url")
+    plain = run(pattern, tmp_path / "plain")
+    assert via_url["inputs"] == plain["inputs"] and len(plain["inputs"]) == 3
+    assert [s["sha256"] for s in via_url["shards"]] == [s["sha256"] for s in plain["shards"]]
+
+
 def test_bad_inputs_are_one_line_errors_naming_the_file(ray_cluster, corpus, tmp_path):
     with pytest.raises(InputError, match="matched no files"):
         run(str(tmp_path / "nothing" / "*.parquet"), tmp_path / "out")
