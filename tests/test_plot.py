@@ -1,0 +1,43 @@
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+from tests.conftest import REPO
+from training.plot import model_size, read_main_log
+
+
+def write_run(run_dir, n_layer=12, n_embd=768):
+    run_dir.mkdir()
+    lines = [f"s:{s} trl:{4.0 - s / 100:.6f} lr:6.000000e-04 norm:1.0000" for s in range(0, 50)]
+    lines += ["s:0 tel:4.100000", "s:25 tel:3.800000", "s:49 tel:3.600000", "s:25 eval:0.260000",
+              "s:49 eval:0.280000", "s:25 eval:0.265000"]  # a late duplicate result replaces the earlier one
+    (run_dir / "main.log").write_text("\n".join(lines) + "\n")
+    (run_dir / "ckpt_00000049").mkdir()
+    (run_dir / "ckpt_00000049" / "state.json").write_text(
+        json.dumps({"model_config": {"n_layer": n_layer, "n_embd": n_embd}}))
+
+
+def test_main_log_parsing_and_model_size(tmp_path):
+    write_run(tmp_path / "run")
+    series = read_main_log(tmp_path / "run" / "main.log")
+    assert len(series["trl"]) == 50 and series["trl"][10] == (10, 3.9)
+    assert series["tel"] == [(0, 4.1), (25, 3.8), (49, 3.6)]
+    assert series["eval"] == [(25, 0.265), (49, 0.28)]
+    assert model_size(tmp_path / "run", None) == "124M"
+    assert model_size(tmp_path / "run", "d48") == "1558M"
+    write_run(tmp_path / "tiny", n_layer=2, n_embd=64)
+    assert model_size(tmp_path / "tiny", None) is None
+
+
+def test_cli_writes_a_png(tmp_path):
+    write_run(tmp_path / "run")
+    result = subprocess.run([sys.executable, "training/plot.py", str(tmp_path / "run")], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "run" / "main.png") as image:
+        assert image.size[0] > 1000 and image.size[1] > 400
+    missing = subprocess.run([sys.executable, "training/plot.py", str(tmp_path / "nope")], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "main.log" in missing.stderr

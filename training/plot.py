@@ -1,0 +1,101 @@
+"""Plot a run's main.log like llm.c's dev/vislog notebook: loss on the left, HellaSwag on the right.
+
+    python training/plot.py OUT_DIR [--model d12] [-o OUT_DIR/main.png]
+
+Reference lines are OpenAI's GPT-2 and GPT-3 checkpoints of the same size, as llm.c draws them; they are
+shown only when the run's model is one of GPT-2's four sizes (from --model, or the run's checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: make the repo root importable instead of training/
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+# (layers, channels) -> size, and OpenAI's figures for each size (FineWeb val loss; HellaSwag acc_norm)
+GPT2_SIZES = {(12, 768): "124M", (24, 1024): "350M", (36, 1280): "774M", (48, 1600): "1558M"}
+PRESET_SIZES = {"d12": "124M", "d24": "350M", "d36": "774M", "d48": "1558M"}
+GPT2_FINEWEB_VAL_LOSS = {"124M": 3.42, "350M": 3.08, "774M": 3.00, "1558M": 2.83}
+GPT2_HELLASWAG = {"124M": 0.294, "350M": 0.375, "774M": 0.432, "1558M": 0.489}
+GPT3_HELLASWAG = {"124M": 0.337, "350M": 0.436, "774M": 0.510, "1558M": 0.547}
+
+_LINE = re.compile(r"^s:(\d+) (trl|tel|eval):([-+0-9.eEnaif]+)")
+
+
+def read_main_log(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """{'trl': [(step, value)], 'tel': [...], 'eval': [...]} in step order; later duplicates win."""
+    series: dict[str, dict[int, float]] = defaultdict(dict)
+    for line in path.read_text().splitlines():
+        if match := _LINE.match(line):
+            series[match[2]][int(match[1])] = float(match[3])
+    return {kind: sorted(series[kind].items()) for kind in ("trl", "tel", "eval")}
+
+
+def model_size(run_dir: Path, model: str | None) -> str | None:
+    """GPT-2 size name of the run's model, from -e/--model or the newest checkpoint's state.json."""
+    if model:
+        return PRESET_SIZES.get(model)
+    states = sorted(run_dir.glob("ckpt_*/state.json"))
+    if not states:
+        return None
+    config = json.loads(states[-1].read_text())["model_config"]
+    return GPT2_SIZES.get((config["n_layer"], config["n_embd"]))
+
+
+def plot(run_dir: Path, output: Path, model: str | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: runs on headless nodes
+    import matplotlib.pyplot as plt
+
+    series = read_main_log(run_dir / "main.log")
+    size = model_size(run_dir, model)
+    figure, (loss_axis, eval_axis) = plt.subplots(1, 2, figsize=(16, 6))
+    for kind, label in (("trl", "train loss"), ("tel", "val loss")):
+        if series[kind]:
+            steps, values = zip(*series[kind], strict=True)
+            loss_axis.plot(steps, values, label=label)
+    if size:
+        loss_axis.axhline(GPT2_FINEWEB_VAL_LOSS[size], color="r", linestyle="--",
+                          label=f"OpenAI GPT-2 ({size}) FineWeb val loss")
+    loss_axis.set(xlabel="step", ylabel="loss", title="Loss")
+    loss_axis.legend()
+    if series["eval"]:
+        steps, values = zip(*series["eval"], strict=True)
+        eval_axis.plot(steps, values, label="HellaSwag acc_norm")
+    if size:
+        eval_axis.axhline(GPT2_HELLASWAG[size], color="r", linestyle="--", label=f"OpenAI GPT-2 ({size})")
+        eval_axis.axhline(GPT3_HELLASWAG[size], color="g", linestyle="--", label=f"OpenAI GPT-3 ({size})")
+    eval_axis.set(xlabel="step", ylabel="accuracy", title="HellaSwag eval")
+    eval_axis.legend()
+    figure.suptitle(f"{run_dir}" + (f" — GPT-2 {size}" if size else ""))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".tmp.png")
+    figure.savefig(partial, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    partial.replace(output)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Plot OUT_DIR/main.log like llm.c's vislog.")
+    parser.add_argument("run_dir", type=Path, help="the training output dir (-o) holding main.log")
+    parser.add_argument("-e", "--model", help="model preset (d12/d24/d36/d48) for the reference lines")
+    parser.add_argument("-o", "--output", type=Path, help="PNG path (default RUN_DIR/main.png)")
+    args = parser.parse_args(argv)
+    log = args.run_dir / "main.log"
+    if not log.exists():
+        print(f"error: {log}: no such file (is {args.run_dir} a training output dir?)", file=sys.stderr)
+        return 2
+    print(f"wrote {plot(args.run_dir, args.output or args.run_dir / 'main.png', args.model)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
