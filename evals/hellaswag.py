@@ -1,0 +1,77 @@
+"""Score a GPT-2 checkpoint on HellaSwag (validation, 10,042 examples), fanned out over K Ray tasks.
+
+    python evals/hellaswag.py --checkpoint out/ckpt_00001000 --tasks 4
+    python evals/hellaswag.py --checkpoint hf_gpt2/ --file hellaswag_val.bin --tasks 0   # no Ray, this process
+
+The checkpoint is one of ours (ckpt_XXXXXXXX/), an exported Hugging Face GPT-2 directory, or an llm.c model
+.bin. Without --file the validation jsonl is downloaded once into --data-dir. Prints acc, acc_norm and counts,
+and the same as one JSON line for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: import the repo's packages, not modules beside this file
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+
+from evals.hellaswag_data import CANONICAL_URL, DEFAULT_DATA_DIR, HellaSwagFormatError, load_examples
+from evals.models import ModelSourceError, load_gpt
+from evals.parallel import DEFAULT_CPUS_PER_TASK, DEFAULT_TASKS, launch, prepare
+from evals.scoring import evaluate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="HellaSwag acc / acc_norm of a GPT-2 checkpoint, as llm.c scores it")
+    parser.add_argument("--checkpoint", required=True, help="ckpt_XXXXXXXX dir, HF GPT-2 dir or llm.c model .bin")
+    parser.add_argument("--file", help="HellaSwag jsonl or llm.c eval .bin (magic 20240522) instead of the download")
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="cache for the downloaded validation set")
+    parser.add_argument("--url", default=CANONICAL_URL, help="where to download the validation jsonl from")
+    parser.add_argument("--tasks", type=int, default=DEFAULT_TASKS, help="Ray tasks to split over; 0 = this process")
+    parser.add_argument("--cpus-per-task", type=float, default=DEFAULT_CPUS_PER_TASK, help="Ray num_cpus per task")
+    parser.add_argument("--gpus-per-task", type=float, default=0.0, help="Ray num_gpus per task (e.g. 0.25)")
+    parser.add_argument("--batch-tokens", type=int, help="padded tokens per forward pass (default by device)")
+    parser.add_argument("--device", help="device for --tasks 0 (default: cuda if available, else cpu)")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local cluster)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, float | int]:
+    examples = load_examples(args.file, args.data_dir, args.url)
+    started = time.perf_counter()
+    if args.tasks == 0:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        result = evaluate(load_gpt(args.checkpoint, device), examples, args.batch_tokens)
+    else:
+        from pipelines.cluster import connect
+
+        connect(args.address)
+        eval_set = prepare(examples, args.tasks, args.batch_tokens, gpu=args.gpus_per_task > 0)
+        started = time.perf_counter()  # scoring only: the cluster start and data upload are not the eval
+        handle = launch(args.checkpoint, eval_set, num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task)
+        result = handle.result()
+    return {**result, "seconds": time.perf_counter() - started}
+
+
+def main(argv: list[str] | None = None) -> dict[str, float | int]:
+    args = build_parser().parse_args(argv)
+    if args.tasks < 0:
+        raise SystemExit(f"error: --tasks must be 0 (this process) or more, got {args.tasks}")
+    try:
+        result = run(args)
+    except (HellaSwagFormatError, ModelSourceError) as err:
+        raise SystemExit(f"error: {err}") from err
+    print(f"HellaSwag {result['num_total']} examples | acc {result['acc']:.4f} ({result['num_correct']}) | "
+          f"acc_norm {result['acc_norm']:.4f} ({result['num_correct_norm']}) | {result['seconds']:.1f} s")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

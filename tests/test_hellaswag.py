@@ -1,0 +1,264 @@
+"""HellaSwag: data (jsonl, llm.c eval .bin, download + cache), batched scoring against a one-at-a-time
+reference, HF export, the CLI, Ray fan-out identical for any K, and evals running beside a training loop."""
+
+import http.server
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from evals.hellaswag import main
+from evals.hellaswag_data import EVAL_MAGIC, Example, HellaSwagFormatError, load_examples, read_jsonl
+from evals.models import ModelSourceError, load_gpt
+from evals.parallel import ConcurrentEvals, launch, prepare, spare_resources
+from evals.scoring import evaluate, plan_batches, score_batches, summarize
+from evals.vislog import EvalLog
+from pipelines.tokenizer import gpt2_encoding
+from training.checkpoint import save_checkpoint
+from training.export import export_hf, write_llmc
+from training.model import GPT, GPTConfig
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ("the man woman dog ball runs jumps kitchen slowly quickly then picks up puts down a an water bike "
+         "rope hair paint brush knife cuts onto floor table smiles talks camera shows").split()
+
+
+def random_model(seed: int = 0) -> GPT:
+    """A tiny GPT whose biases are random too, so endings get clearly different losses."""
+    model = GPT(GPTConfig.from_descriptor("L2H2C64"), seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    return model.eval()
+
+
+def save_model(model: GPT, out: Path, step: int = 1) -> Path:
+    parts = {"model.pt": model.state_dict(), "optimizer.pt": {}, "rng.pt": {}}
+    return save_checkpoint(out, step, parts, {"model_config": model.config.to_dict()})
+
+
+def hellaswag_records(count: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    sentence = lambda low, high: " ".join(rng.choice(WORDS, rng.integers(low, high)))  # noqa: E731
+    return [{"ind": i, "activity_label": "Synthetic", "ctx": sentence(3, 14).capitalize() + ".",
+             "endings": [sentence(1, 9) + "." for _ in range(4)], "label": int(rng.integers(0, 4)), "split": "val"}
+            for i in range(count)]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def write_eval_bin(path: Path, examples: list[Example]) -> Path:
+    """llm.c's eval file, written from its spec (dev/data/data_common.py write_evalfile)."""
+    stream = []
+    for ex in examples:
+        body = [ex.index, ex.label, len(ex.endings), len(ex.context), *ex.context]
+        for ending in ex.endings:
+            body += [len(ending), *ending]
+        stream += [2**16 - 1, 2 * (len(body) + 2), *body]
+    header = np.zeros(256, dtype="<i4")
+    header[:4] = (EVAL_MAGIC, 1, len(examples), 0)
+    path.write_bytes(header.tobytes() + np.array(stream, dtype="<u2").tobytes())
+    return path
+
+
+def reference_losses(model: GPT, example: Example) -> tuple[torch.Tensor, torch.Tensor]:
+    """build-nanogpt's loop for one example: 4 padded rows, full logits, masked cross-entropy."""
+    rows = [list(example.context) + list(ending) for ending in example.endings]
+    width = max(len(row) for row in rows)
+    tokens = torch.zeros((4, width), dtype=torch.long)
+    mask = torch.zeros((4, width))
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = torch.tensor(row)
+        mask[i, len(example.context): len(row)] = 1
+    with torch.no_grad():
+        logits = model(tokens)
+    losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
+                             reduction="none").view(4, -1) * mask[:, 1:]
+    return losses.sum(1), losses.sum(1) / mask[:, 1:].sum(1)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    return random_model()
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("hellaswag") / "val.jsonl", hellaswag_records(40))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory) -> Path:
+    return save_model(model, tmp_path_factory.mktemp("run"))
+
+
+def test_rendering_follows_llmc(data_file):
+    record = json.loads(data_file.read_text().splitlines()[3])
+    example = read_jsonl(data_file)[3]
+    encoding = gpt2_encoding()
+    assert example.index == 3 and example.label == record["label"]
+    assert example.context == tuple(encoding.encode(record["ctx"]))
+    assert example.endings == tuple(tuple(encoding.encode(" " + ending)) for ending in record["endings"])
+
+
+def test_batched_scores_equal_one_at_a_time_reference(model, data_file):
+    examples = read_jsonl(data_file)
+    batches = plan_batches(examples, batch_tokens=300)  # several examples per batch, rows of unequal length
+    assert 1 < len(batches) < len(examples)
+    assert any(len(set(len(ex.context) for ex in examples if ex.index in b.example_index)) > 1 for b in batches)
+    scores = score_batches(model, batches)
+    assert list(scores.example_index) == list(range(len(examples)))
+    correct = correct_norm = 0
+    for example in examples:
+        total, mean = reference_losses(model, example)
+        torch.testing.assert_close(torch.from_numpy(scores.sum_loss[example.index]), total.double(),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(scores.mean_loss[example.index]), mean.double(),
+                                   rtol=1e-5, atol=1e-5)
+        correct += int(total.argmin()) == example.label
+        correct_norm += int(mean.argmin()) == example.label
+    assert summarize(scores) == {"acc": correct / 40, "acc_norm": correct_norm / 40, "num_correct": correct,
+                                 "num_correct_norm": correct_norm, "num_total": 40}
+    assert evaluate(model, examples, batch_tokens=100_000) == summarize(scores)
+
+
+@pytest.mark.parametrize(("line", "problem"), [
+    ('{"ctx": "a", "endings": ["b", "c", "d"', "bad JSON"),
+    ('{"ctx": "a", "label": 0}', "missing field 'endings'"),
+    ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 4}', "'label' must be an integer 0-3"),
+    ('{"ctx": "a", "endings": ["b", "c", "d"], "label": 0}', "'endings' must be a list of 4"),
+])
+def test_malformed_lines_name_the_line(tmp_path, line, problem):
+    path = write_jsonl(tmp_path / "bad.jsonl", hellaswag_records(2))
+    path.write_text(path.read_text() + line + "\n")
+    with pytest.raises(HellaSwagFormatError, match=rf"bad.jsonl:3: {problem}"):
+        load_examples(path)
+
+
+def test_llmc_eval_bin_reads_like_the_jsonl(data_file, tmp_path):
+    examples = read_jsonl(data_file)
+    path = write_eval_bin(tmp_path / "hellaswag_val.bin", examples)
+    assert load_examples(path) == examples
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(path.read_bytes()[:-6])
+    with pytest.raises(HellaSwagFormatError, match=r"truncated.bin: example 39 .*runs past the end"):
+        load_examples(truncated)
+
+
+def test_download_once_then_cached(data_file, tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "hellaswag_val.jsonl").write_bytes(data_file.read_bytes())
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(served))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    cache = tmp_path / "cache"
+    try:
+        with pytest.raises(HellaSwagFormatError, match="cannot download HellaSwag from .*missing.jsonl"):
+            load_examples(data_dir=cache, url=f"{base}/missing.jsonl")
+        assert not cache.exists() or not list(cache.iterdir())  # no partial file left behind
+        examples = load_examples(data_dir=cache, url=f"{base}/hellaswag_val.jsonl")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (cache / "hellaswag_val.jsonl").read_bytes() == data_file.read_bytes()
+    assert load_examples(data_dir=cache, url=f"{base}/hellaswag_val.jsonl") == examples  # server gone: the cache
+
+
+def test_our_checkpoint_llmc_file_and_hf_export_score_alike(model, checkpoint, data_file, tmp_path):
+    examples = read_jsonl(data_file)
+    export_hf(model, tmp_path / "hf")
+    write_llmc(model, tmp_path / "model.bin")
+    ours = score_batches(load_gpt(checkpoint), plan_batches(examples, 2000))
+    for other in (tmp_path / "hf", tmp_path / "model.bin"):
+        theirs = score_batches(load_gpt(other), plan_batches(examples, 2000))
+        np.testing.assert_allclose(theirs.mean_loss, ours.mean_loss, rtol=1e-5, atol=1e-5)
+        assert summarize(theirs) == summarize(ours)
+    with pytest.raises(ModelSourceError, match="nowhere: not a checkpoint directory"):
+        load_gpt(tmp_path / "nowhere")
+
+
+def test_cli_without_ray_as_a_script(checkpoint, data_file, model):
+    command = [sys.executable, "evals/hellaswag.py", "--checkpoint", str(checkpoint), "--file", str(data_file),
+               "--tasks", "0"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert {k: result[k] for k in ("num_correct", "num_correct_norm", "num_total")} == {
+        k: v for k, v in evaluate(model, read_jsonl(data_file)).items() if k.startswith("num")}
+    bad = subprocess.run(command[:-1] + ["-1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "error: --tasks must be 0" in bad.stderr
+    probe = "import sys, evals.hellaswag; assert 'ray' not in sys.modules, 'ray imported at load'"
+    assert subprocess.run([sys.executable, "-c", probe], cwd=REPO, timeout=120).returncode == 0
+
+
+def test_eval_log_writes_steps_in_order_whenever_results_arrive(tmp_path):
+    log = EvalLog(tmp_path / "main.log")
+    for step in (10, 20, 30, 40):
+        log.expect(step)
+    assert log.record(30, 0.3) == [] and log.record(20, 0.25) == []  # step 10 still running: both wait
+    assert log.record(10, 0.2) == [10, 20, 30]
+    assert log.give_up(40) == [] and not log._pending
+    assert (tmp_path / "main.log").read_text() == "s:10 eval:0.200000\ns:20 eval:0.250000\ns:30 eval:0.300000\n"
+
+
+def test_ray_result_is_identical_for_any_k(ray_cluster, model, checkpoint, data_file):
+    expected = evaluate(model, read_jsonl(data_file), batch_tokens=600)
+    for tasks in (1, 2, 3):
+        handle = launch(checkpoint, data_file, tasks=tasks, batch_tokens=600)
+        assert handle.result(timeout=120) == expected and handle.ready()
+        assert len(handle.task_spans) == tasks
+    result = main(["--checkpoint", str(checkpoint), "--file", str(data_file), "--tasks", "3"])
+    assert {k: result[k] for k in expected} == evaluate(model, read_jsonl(data_file))
+    with pytest.raises(SystemExit, match="error: --checkpoint .*nowhere: not a checkpoint"):
+        main(["--checkpoint", str(checkpoint.parent / "nowhere"), "--file", str(data_file)])
+
+
+def test_evals_run_while_a_training_loop_continues(ray_cluster, data_file, tmp_path):
+    """A stand-in for training/run.py: checkpoints every 3 steps, evals in flight, polled once per step."""
+    model = random_model(seed=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = torch.randint(0, 50257, (4, 33), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "run"
+    assert spare_resources(tasks=2)
+    evals = ConcurrentEvals(prepare(data_file, tasks=2, batch_tokens=600), out / "main.log")
+    step_times, submit_seconds, checkpoints, handles = [], [], {}, {}
+    step = 0
+    # Checkpoints at steps 3..12; training goes on past 12 until an eval has come back (bounded), as a
+    # longer run would, so the test sees results collected mid-training.
+    while step < 12 or (not evals.results and step < 2000):
+        step += 1
+        loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        step_times.append(time.time())
+        if step % 3 == 0 and step <= 12:
+            checkpoints[step] = save_model(model, out, step)
+            started = time.perf_counter()
+            handles[step] = evals.submit(step, checkpoints[step])
+            submit_seconds.append(time.perf_counter() - started)
+        evals.poll()
+    assert evals.results, "no eval finished while training went on"
+    evals.drain(timeout=120)
+    assert max(submit_seconds) < 1.0  # submitting does not wait for the eval
+    lines = (out / "main.log").read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["s:3", "s:6", "s:9", "s:12"]
+    for step, path in checkpoints.items():  # each line is its own checkpoint's result
+        expected = evaluate(load_gpt(path), read_jsonl(data_file), batch_tokens=600)
+        assert evals.results[step] == expected and f"s:{step} eval:{expected['acc_norm']:.6f}" in lines
+    # Concurrency by timestamps: training steps completed while eval tasks were running.
+    spans = [span for handle in handles.values() for span in handle.task_spans]
+    assert sum(any(start < t < end for start, end in spans) for t in step_times) >= 3
