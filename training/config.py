@@ -132,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    args = build_parser().parse_args(argv)
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig in a namespace parsed by build_parser() or a parser that has it as a parent."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    return config_from_args(build_parser().parse_args(argv))

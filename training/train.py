@@ -159,8 +159,9 @@ class _Run:
         self.resumed = resume_path is not None
         if config.gelu_fusion > 0 or (config.gelu_fusion == -1 and self.device.type == "cuda"):
             self.model.compile_blocks()
+        # A group of one (Ray Train with one worker) has no gradients to average: DDP would only add copies.
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                            else None) if self.distributed else None)
+                                            else None) if self.distributed and self.world > 1 else None)
         self.out = Path(config.output_dir) if config.output_dir else None
         self.main_log = (MainLog(self.out / "main.log", self.start_step if self.resumed else None)
                          if self.master and self.out else None)

@@ -1,0 +1,120 @@
+"""training/run.py on a real local Ray cluster: 2 CPU workers, ZeRO-1, a killed worker, fatal errors, -d checks."""
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from tests.test_train import final_weights, make_shards
+from training.run import RAY_SNAPSHOT, main
+
+STEPS = 100
+# Tiny model, 2 workers x B=2 x T=32 (~70 ms a step here), a checkpoint every 20 steps: Ray registers one
+# within a health check (2 s) of its report, well before the run ends, so there is time to kill a worker.
+FLAGS = ["--workers", "2", "--cpus-per-worker", "1", "-e", "L2H2C64", "-b", "2", "-t", "32", "-x", str(STEPS),
+         "-v", "50", "-m", "2", "-s", "0", "-n", "20", "-l", "1e-3"]
+
+
+def run(data: Path, out: Path, *extra: str) -> int:
+    return main(["-i", str(data / "*_train_*.bin"), "-j", str(data / "*_val_*.bin"), "-o", str(out),
+                 *FLAGS, *extra])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("shards"), tokens_per_shard=20_000)
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, data, tmp_path_factory) -> Path:
+    """An uninterrupted 2-worker run without ZeRO, the baseline of the other runs."""
+    out = tmp_path_factory.mktemp("runs") / "reference"
+    assert run(data, out) == 0
+    return out
+
+
+def test_run_dir_holds_engine_checkpoints_main_log_and_ray_state(reference):
+    assert sorted(p.name for p in reference.glob("ckpt_*")) == [f"ckpt_{s:08d}" for s in range(20, STEPS + 1, 20)]
+    log = (reference / "main.log").read_text()
+    assert log.count("trl:") == STEPS and log.count("tel:") == 3  # rank 0 alone writes, steps 0, 50 and 100
+    registered = json.loads((reference / RAY_SNAPSHOT).read_text())  # Ray Train registered them in place
+    assert registered["latest_checkpoint_result"]["checkpoint_dir_name"] == f"ckpt_{STEPS:08d}"
+
+
+def test_resume_flag_continues_from_the_latest_checkpoint_ray_registered(reference, data, tmp_path):
+    out = tmp_path / "continued"
+    shutil.copytree(reference, out)  # Ray Train's snapshot names checkpoints relative to the run directory
+    last = out / f"ckpt_{STEPS:08d}"
+    inode = last.stat().st_ino
+    assert run(data, out, "-x", str(STEPS + 20), "-y", "1") == 0
+    assert last.stat().st_ino == inode  # resumed after it, not retrained through it
+    log = (out / "main.log").read_text()
+    assert log.count("trl:") == STEPS + 20 and log.startswith((reference / "main.log").read_text())
+
+
+def test_zero1_matches_zero0(reference, data, tmp_path):
+    assert run(data, tmp_path / "zero1", "-z", "1") == 0
+    zero1, zero0 = final_weights(tmp_path / "zero1"), final_weights(reference)
+    for name in zero0:
+        torch.testing.assert_close(zero1[name], zero0[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _train_workers() -> list[psutil.Process]:
+    """This session's Ray Train workers: descendants of the test process, which started the local cluster."""
+    workers = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if process.cmdline()[:1] == ["ray::RayTrainWorker"]:
+                workers.append(process)
+        except psutil.Error:  # exited meanwhile
+            continue
+    return workers
+
+
+def test_killed_worker_resumes_from_the_checkpoint_and_ends_bitwise_equal(reference, data, tmp_path):
+    out = tmp_path / "killed"
+    killed: dict[str, object] = {}
+
+    def kill_after_first_registered_checkpoint() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            snapshot = out / RAY_SNAPSHOT
+            registered = snapshot.exists() and "ckpt_000000" in snapshot.read_text()
+            workers = _train_workers()
+            if registered and len(workers) == 2:
+                latest = max(out.glob("ckpt_*"))
+                killed.update(latest=latest, inode=latest.stat().st_ino, finished=(out / f"ckpt_{STEPS:08d}").exists())
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_after_first_registered_checkpoint, daemon=True)
+    killer.start()
+    assert run(data, out) == 0
+    killer.join()
+    assert killed and not killed["finished"], "the worker was not killed while the run was in progress"
+    # The restart resumed from the registered checkpoint rather than retraining through it.
+    assert killed["latest"].stat().st_ino == killed["inode"]
+    resumed, straight = final_weights(out), final_weights(reference)
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name
+    assert (out / "main.log").read_text() == (reference / "main.log").read_text()
+
+
+def test_nan_loss_stops_the_run_naming_rank_and_step_without_retrying_forever(ray_cluster, data, tmp_path, capsys):
+    out = tmp_path / "nan"
+    assert run(data, out, "-l", "1e30", "--max-failures", "1") == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("run.py: error: rank ") and ", step 2: loss is nan" in error
+
+
+def test_global_batch_that_does_not_divide_names_the_numbers(data, tmp_path, capsys):
+    assert run(data, tmp_path / "bad", "--workers", "3", "-d", "1000") == 2
+    assert "-d 1000 is not a positive multiple of -b 2 x -t 32 x 3 rank(s) = 192 tokens" in capsys.readouterr().err

@@ -1,0 +1,349 @@
+"""The training engine on Ray Train: one `TorchTrainer` worker per GPU (or per CPU slot), same command everywhere.
+
+    python training/run.py --workers 8 -i 'data/*_train_*.bin' -j 'data/*_val_*.bin' -o /shared/runs/d12 -e d12 \
+        -b 64 -t 1024 -d 524288 -l 6e-4 -q 0.0 -u 700 -c 0.1 -x 18865 -v 250 -s 20000 -n 500 -y 1
+    ray job submit --working-dir . -- python training/run.py --workers 16 -o s3://bucket/runs/d24 ...
+
+Every engine flag is `training/train.py`'s (llm.c's letters); this file adds the Ray ones (`--workers`,
+`--address`, ...). Each worker runs `training.train.train()` as one rank of the process group Ray Train set
+up (NCCL on GPU, gloo on CPU), so data sharding, DDP, ZeRO-1 and checkpoint contents are the engine's.
+
+`-o DIR` is the Ray Train run directory: RunConfig(storage_path=parent of DIR, name=basename of DIR), so
+Ray's bookkeeping sits next to the engine's `ckpt_XXXXXXXX/` and `main.log`. A local DIR (shared storage
+on a multi-node cluster) is written in place by rank 0 and registered with Ray without a copy; a cloud URI
+gets each checkpoint (and main.log) uploaded from a local staging directory. A failed worker makes Ray
+restart the group from the latest registered checkpoint (`--max-failures`); errors that a restart cannot
+fix (NaN loss, bad data, OOM, bad checkpoint) stop the run with one line naming the rank and step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+if __name__ == "__main__":  # run as a script: make the repo root importable, then run as training.run
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    from training.run import main
+
+    sys.exit(main())
+
+import torch
+
+from pipelines.shards import ShardFormatError
+from training.checkpoint import CheckpointError
+from training.config import ConfigError, TrainConfig, build_parser, config_from_args
+from training.export import LlmcFormatError
+from training.train import TrainHooks, train
+
+# Ray Train's bookkeeping file in the run directory; without it a new fit starts with no checkpoint.
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+# Engine metric -> Ray gauge (exported to Prometheus as ray_raygpt2_<name>{run=...}).
+GAUGES = {
+    "loss": ("train_loss", "mean train loss of the last step over all ranks"),
+    "val_loss": ("val_loss", "mean validation loss over all ranks"),
+    "lr": ("lr", "learning rate of the last step"),
+    "norm": ("grad_norm", "global gradient norm before clipping"),
+    "tokens_per_second": ("tokens_per_second", "tokens per second of the last step, all ranks together"),
+    "mfu": ("mfu", "model FLOPs utilisation of the last step (0-1; absent on CPU and unknown GPUs)"),
+    "step": ("step", "optimizer steps done"),
+    "hellaswag_acc": ("hellaswag_acc", "HellaSwag accuracy of the last eval"),
+}
+# Errors that a restart from the last checkpoint would only repeat.
+DETERMINISTIC_ERRORS = (ConfigError, CheckpointError, ShardFormatError, LlmcFormatError, torch.OutOfMemoryError)
+
+
+class FatalTrainingError(RuntimeError):
+    """An error that restarting the workers cannot fix; the message names the rank and step."""
+
+
+@dataclass
+class Launch:
+    """What the workers need besides the engine config."""
+
+    run_name: str
+    run_dir: str  # -o as given (absolute when local): the Ray Train run directory
+    remote: bool  # -o is a cloud URI: checkpoints are staged locally and uploaded
+    use_gpu: bool
+    cpus_per_worker: int
+    report_interval: float
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="GPT-2 pretraining on Ray Train; engine flags as llm.c's train_gpt2cu (see training/train.py)",
+        add_help=False, parents=[build_parser()],
+    )
+    ray_flags = parser.add_argument_group("Ray Train")
+    ray_flags.add_argument("--workers", type=int, default=1, help="training workers: one per GPU (default: 1)")
+    ray_flags.add_argument("--address", help="Ray cluster to join ('auto' = the running one; default: "
+                                             "RAY_ADDRESS, else a new local cluster)")
+    ray_flags.add_argument("--use-gpu", choices=("auto", "1", "0"), default="auto",
+                           help="one GPU per worker; auto = when the cluster has GPUs (default: auto)")
+    ray_flags.add_argument("--cpus-per-worker", type=int,
+                           help="CPUs per worker, also its torch threads on CPU (default: 1 with GPUs, "
+                                "else the cluster's CPUs / --workers)")
+    ray_flags.add_argument("--max-failures", type=int, default=3,
+                           help="worker failures to recover from by restarting at the last checkpoint (-1 = "
+                                "unlimited; default: 3)")
+    ray_flags.add_argument("--report-interval", type=float, default=5.0,
+                           help="seconds between ray.train.report calls, besides one per checkpoint and one at "
+                                "the end; dashboard gauges update every step (default: 5)")
+    return parser
+
+
+def _absolute(path: str) -> str:
+    """Workers run in their own directory: local paths (and globs) are made absolute against ours."""
+    return path if not path or _is_uri(path) else os.path.abspath(path)
+
+
+def plan(args: argparse.Namespace) -> tuple[TrainConfig, str]:
+    """The engine config the workers run and the run directory; ConfigError names the flag at fault."""
+    config = config_from_args(args)
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    if args.report_interval < 0:
+        raise ConfigError(f"--report-interval must not be negative, got {args.report_interval}")
+    if not config.output_dir:
+        raise ConfigError("-o is required: it is the Ray Train run directory that checkpoints and restarts use")
+    config.validate()
+    config.grad_accum_steps(args.workers)  # -d must split into B*T*workers micro-steps; raises naming them
+    run_dir = _absolute(config.output_dir.rstrip("/"))
+    config.train_data, config.val_data = _absolute(config.train_data), _absolute(config.val_data)
+    config.resume_from = _absolute(config.resume_from) if config.resume_from else None
+    return config, run_dir
+
+
+def _storage(run_dir: str):
+    """(pyarrow filesystem, path within it) of the run directory."""
+    import pyarrow.fs
+
+    if _is_uri(run_dir):
+        return pyarrow.fs.FileSystem.from_uri(run_dir)
+    return pyarrow.fs.LocalFileSystem(), run_dir
+
+
+def _forget_previous_ray_run(run_dir: str) -> None:
+    """Without -y 1 a run starts from scratch, as llm.c's; Ray Train would otherwise hand the workers the
+    latest checkpoint of an earlier run in the same directory. Only Ray's bookkeeping file is removed:
+    the engine's checkpoints and main.log stay (a new run overwrites checkpoints of the same step)."""
+    import pyarrow.fs
+
+    filesystem, path = _storage(run_dir)
+    snapshot = f"{path}/{RAY_SNAPSHOT}"
+    if filesystem.get_file_info(snapshot).type != pyarrow.fs.FileType.NotFound:
+        filesystem.delete_file(snapshot)
+        print(f"-y 0: starting from scratch; earlier checkpoints in {run_dir} are ignored", flush=True)
+
+
+class _FailureLog:
+    """The first deterministic error of a run, kept outside the workers so restarted workers and the driver
+    can see it. A Ray actor with no CPU; created by the driver for one fit."""
+
+    def __init__(self):
+        self.message: str | None = None
+
+    def record(self, message: str) -> None:
+        if self.message is None:
+            self.message = message
+
+    def first(self) -> str | None:
+        return self.message
+
+
+class _Reporter:
+    """TrainHooks that feed Ray Train (report, checkpoints) and the dashboard (gauges), and stop on NaN."""
+
+    def __init__(self, launch: Launch, rank: int, device: torch.device, staging: str | None):
+        import ray.train
+
+        self.ray_train = ray.train
+        self.launch, self.rank, self.device, self.staging = launch, rank, device, staging
+        self.last_report = -math.inf  # the first step is reported at once
+        self.steps_done: int | None = None  # for error messages; None while the engine sets up
+        self.gauges = {}
+        if rank == 0:
+            from ray.util.metrics import Gauge
+
+            for metric_name, (gauge_name, text) in GAUGES.items():
+                gauge = Gauge(f"raygpt2_{gauge_name}", description=text, tag_keys=("run",))
+                gauge.set_default_tags({"run": launch.run_name})
+                self.gauges[metric_name] = gauge
+
+    def on_step(self, metrics: dict[str, Any]) -> None:
+        # metrics["step"] is the step index, 0-based like the engine's loop; the console shows it 1-based.
+        self.steps_done = metrics["step"] + ("loss" in metrics)
+        for name in ("loss", "val_loss"):
+            if name in metrics and not math.isfinite(metrics[name]):
+                raise FatalTrainingError(f"rank {self.rank}, step {metrics['step'] + 1}: {name} is {metrics[name]}")
+        done = {**metrics, "step": self.steps_done, "timestamp": time.time()}
+        for name, gauge in self.gauges.items():
+            if done.get(name) is not None:
+                gauge.set(float(done[name]))
+        # The final val-only call ("loss" absent) is always reported, so the last metrics reach Ray.
+        if self._report_due() or "loss" not in metrics:
+            self._report({k: v for k, v in done.items() if v is not None})
+
+    def _report_due(self) -> bool:
+        """Ray Train's controller takes one report per health check (2 s) and a report blocks until the
+        previous one is taken, so reports go by time, not steps. Rank 0's clock decides for every rank:
+        ray.train.report is a barrier that all ranks must reach equally often."""
+        due = torch.tensor([time.monotonic() - self.last_report >= self.launch.report_interval], dtype=torch.uint8,
+                           device=self.device)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.broadcast(due, src=0)
+        return bool(due.item())
+
+    def _report(self, metrics: dict[str, Any], **checkpoint: Any) -> None:
+        self.ray_train.report(metrics, **checkpoint)
+        self.last_report = time.monotonic()
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        """Every rank reports (ray.train.report is a barrier); rank 0, which wrote the directory, attaches it."""
+        from ray.train import Checkpoint, CheckpointUploadMode
+
+        self.steps_done = step
+        metrics = {"step": step, "timestamp": time.time()}
+        if self.rank != 0:
+            self._report(metrics, checkpoint_dir_name=path.name)
+        elif not self.launch.remote:  # written in place in the run directory: register it, copy nothing
+            self._report(metrics, checkpoint=Checkpoint.from_directory(str(path)), checkpoint_dir_name=path.name,
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+        else:
+            self._report(metrics, checkpoint=Checkpoint.from_directory(str(path)), checkpoint_dir_name=path.name,
+                         delete_local_checkpoint_after_upload=True)
+            self._upload_main_log()
+
+    def _upload_main_log(self) -> None:
+        import pyarrow.fs
+
+        filesystem, path = _storage(self.launch.run_dir)
+        pyarrow.fs.copy_files(os.path.join(self.staging, "main.log"), f"{path}/main.log",
+                              destination_filesystem=filesystem)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker: one rank of the engine, resumed from Ray's latest checkpoint."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    launch = Launch(**loop_config["launch"])
+    config = TrainConfig(**loop_config["train"])
+    failures = loop_config["failures"]
+    rank = ray.train.get_context().get_world_rank()
+    recorded = ray.get(failures.first.remote())
+    if recorded:  # Ray restarted us after an error that would only happen again
+        raise FatalTrainingError(recorded)
+    if launch.use_gpu:
+        config.device = str(ray.train.torch.get_device())
+    else:
+        config.device = "cpu"
+        torch.set_num_threads(launch.cpus_per_worker)
+    staging = None
+    if launch.remote:  # the engine writes locally; _Reporter uploads
+        staging = os.path.join(tempfile.gettempdir(), "raygpt2", launch.run_name)
+        config.output_dir = staging
+    reporter = _Reporter(launch, rank, torch.device(config.device), staging)
+    with ExitStack() as stack:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:  # a restart, or -y 1 finding an earlier fit's checkpoints
+            config.resume_from = stack.enter_context(checkpoint.as_directory())
+        try:
+            train(config, TrainHooks(on_step=reporter.on_step, on_checkpoint=reporter.on_checkpoint))
+        except FatalTrainingError as err:
+            ray.get(failures.record.remote(str(err)))
+            raise
+        except DETERMINISTIC_ERRORS as err:
+            where = "setup" if reporter.steps_done is None else f"step {reporter.steps_done + 1}"
+            message = f"rank {rank}, {where}: {type(err).__name__}: {err}"
+            ray.get(failures.record.remote(message))
+            raise FatalTrainingError(message) from err
+
+
+def _resources(args: argparse.Namespace, cluster: dict[str, float]) -> tuple[bool, int]:
+    use_gpu = cluster.get("GPU", 0) > 0 if args.use_gpu == "auto" else args.use_gpu == "1"
+    if args.cpus_per_worker:
+        return use_gpu, args.cpus_per_worker
+    return use_gpu, 1 if use_gpu else max(1, int(cluster.get("CPU", 1)) // args.workers)
+
+
+def launch_run(args: argparse.Namespace, callbacks: list | None = None) -> None:
+    """Run the training as configured on the connected Ray cluster (`callbacks`: ray.train.UserCallback
+    instances, e.g. a benchmark's); raises FatalTrainingError or Ray's TrainingFailedError."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    config, run_dir = plan(args)
+    use_gpu, cpus = _resources(args, ray.cluster_resources())
+    remote = _is_uri(run_dir)
+    run_name = run_dir.rsplit("/", 1)[-1]
+    storage_path = run_dir.rsplit("/", 1)[0] or "/"
+    launch = Launch(run_name=run_name, run_dir=run_dir, remote=remote, use_gpu=use_gpu, cpus_per_worker=cpus,
+                    report_interval=args.report_interval)
+    if not config.resume:
+        _forget_previous_ray_run(run_dir)
+    # Ray Train keeps the newest -nk checkpoints it registered; the engine's own pruning could delete the
+    # checkpoint Ray would restart from before Ray knows of its successor.
+    keep = config.checkpoints_keep or None
+    config.checkpoints_keep = 0
+    if not remote:
+        config.output_dir = run_dir
+    failures = ray.remote(num_cpus=0)(_FailureLog).remote()
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"train": asdict(config), "launch": asdict(launch), "failures": failures},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(name=run_name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=args.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep), callbacks=callbacks,
+                             # Console as the engine prints it: Ray Train's print patch would log every
+                             # print a second time. Of its own logs only warnings and errors show, except
+                             # one line per report that Ray 2.60 logs under a file path, not `ray.train`.
+                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+                             logging_config=LoggingConfig(log_level="WARNING")),
+    )
+    try:
+        trainer.fit()
+    except Exception as err:
+        recorded = ray.get(failures.first.remote())
+        if recorded:
+            raise FatalTrainingError(recorded) from err
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.cluster import connect
+
+    args = build_run_parser().parse_args(argv)
+    try:
+        plan(args)  # flag errors before any cluster starts
+    except ConfigError as err:
+        print(f"run.py: error: {err}", file=sys.stderr)
+        return 2
+    connect(args.address)
+    from ray.train import TrainingFailedError
+
+    try:
+        launch_run(args)
+    except FatalTrainingError as err:
+        print(f"run.py: error: {err}", file=sys.stderr)
+        return 1
+    except TrainingFailedError as err:
+        print(f"run.py: error: training failed after {args.max_failures} restart(s): {err}", file=sys.stderr)
+        return 1
+    return 0
