@@ -9,7 +9,7 @@ install:
 	$(PYTHON) -m pip install --quiet -e '.[test]'
 
 demo: install
-	$(PYTHON) pipelines/tokenize.py --source demo --output-dir $(OUT)/shards
+	$(PYTHON) demo.py --out $(OUT)
 
 lint:
 	$(PYTHON) -m ruff check .

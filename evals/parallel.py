@@ -160,6 +160,10 @@ class ConcurrentEvals:
             self._collect(step, timeout=0)
         return finished
 
+    def wait(self, step: int, timeout: float | None = None) -> None:
+        """Wait for `step`'s eval and record it (e.g. before its checkpoint may be deleted)."""
+        self._collect(step, timeout)
+
     def drain(self, timeout: float | None = None) -> list[int]:
         """Wait for every eval in flight (the last checkpoint's included); returns their steps."""
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -50,6 +50,8 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"
     resume_from: str | None = None
+    # Not a CLI flag: launchers whose evals read checkpoints (run.py -h 1) also checkpoint at every -v step.
+    checkpoint_at_val: bool = False
 
     def validate(self) -> None:
         positive = {"-b": self.micro_batch, "-t": self.seq_len, "-m": self.val_batches}

@@ -14,6 +14,10 @@ on a multi-node cluster) is written in place by rank 0 and registered with Ray w
 gets each checkpoint (and main.log) uploaded from a local staging directory. A failed worker makes Ray
 restart the group from the latest registered checkpoint (`--max-failures`); errors that a restart cannot
 fix (NaN loss, bad data, OOM, bad checkpoint) stop the run with one line naming the rank and step.
+
+`-h 1` (llm.c's flag) scores HellaSwag on every -v step's checkpoint in Ray tasks beside the training
+(training/run_hellaswag.py). Rank 0 prints elapsed / ETA / estimated cost every -v steps and writes
+`summary.json` at the end (training/progress.py).
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ from pipelines.shards import ShardFormatError
 from training.checkpoint import CheckpointError
 from training.config import ConfigError, TrainConfig, build_parser, config_from_args
 from training.export import LlmcFormatError
-from training.train import TrainHooks, train
+from training.progress import Progress, hour_price, write_summary
+from training.run_hellaswag import HellaSwagBesideTraining, HellaSwagSettings
+from training.train import TrainHooks, TrainResult, train
 
 # Ray Train's bookkeeping file in the run directory; without it a new fit starts with no checkpoint.
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -55,6 +61,7 @@ GAUGES = {
     "mfu": ("mfu", "model FLOPs utilisation of the last step (0-1; absent on CPU and unknown GPUs)"),
     "step": ("step", "optimizer steps done"),
     "hellaswag_acc": ("hellaswag_acc", "HellaSwag accuracy of the last eval"),
+    "hellaswag_acc_norm": ("hellaswag_acc_norm", "HellaSwag acc_norm (llm.c's headline number) of the last eval"),
 }
 # Errors that a restart from the last checkpoint would only repeat.
 DETERMINISTIC_ERRORS = (ConfigError, CheckpointError, ShardFormatError, LlmcFormatError, torch.OutOfMemoryError)
@@ -72,8 +79,13 @@ class Launch:
     run_dir: str  # -o as given (absolute when local): the Ray Train run directory
     remote: bool  # -o is a cloud URI: checkpoints are staged locally and uploaded
     use_gpu: bool
-    cpus_per_worker: int
+    cpus_per_worker: float
     report_interval: float
+    workers: int
+    started_at: float  # the launcher's time.time() at launch: elapsed time and cost count from here
+    usd_per_worker_hour: float | None  # None: no cost estimate (CPU without --gpu-hour-usd)
+    keep: int | None  # -nk, enforced by Ray Train
+    hellaswag: dict[str, Any] | None  # HellaSwagSettings as a dict; None without -h 1
 
 
 def _is_uri(path: str) -> bool:
@@ -91,15 +103,28 @@ def build_run_parser() -> argparse.ArgumentParser:
                                              "RAY_ADDRESS, else a new local cluster)")
     ray_flags.add_argument("--use-gpu", choices=("auto", "1", "0"), default="auto",
                            help="one GPU per worker; auto = when the cluster has GPUs (default: auto)")
-    ray_flags.add_argument("--cpus-per-worker", type=int,
-                           help="CPUs per worker, also its torch threads on CPU (default: 1 with GPUs, "
-                                "else the cluster's CPUs / --workers)")
+    ray_flags.add_argument("--cpus-per-worker", type=float,
+                           help="CPUs per worker (fractions allowed), rounded its torch threads on CPU (default: 1 "
+                                "with GPUs, else the cluster's CPUs / --workers, less what -h 1's eval tasks need)")
     ray_flags.add_argument("--max-failures", type=int, default=3,
                            help="worker failures to recover from by restarting at the last checkpoint (-1 = "
                                 "unlimited; default: 3)")
     ray_flags.add_argument("--report-interval", type=float, default=5.0,
                            help="seconds between ray.train.report calls, besides one per checkpoint and one at "
                                 "the end; dashboard gauges update every step (default: 5)")
+    ray_flags.add_argument("--gpu-hour-usd", type=float,
+                           help="USD per worker-hour for the cost estimate (default: 3.50, an H100, on GPU; on CPU "
+                                "no estimate unless given)")
+    evals = parser.add_argument_group("HellaSwag beside training (llm.c's -h)")
+    evals.add_argument("-h", "--hellaswag", type=int, default=0, choices=(0, 1),
+                       help="1 = score HellaSwag on the checkpoint of every -v step (and the last) in Ray tasks on "
+                            "spare resources while training goes on; in-loop when there are none (default: 0)")
+    evals.add_argument("--hellaswag-file",
+                       help="HellaSwag jsonl or llm.c eval .bin (default: the validation set, downloaded once to "
+                            "~/.cache/raygpt2/hellaswag/)")
+    evals.add_argument("--eval-tasks", type=int, default=2, help="Ray tasks per eval (default: 2)")
+    evals.add_argument("--eval-cpus-per-task", type=float, default=0.5, help="CPUs per eval task (default: 0.5)")
+    evals.add_argument("--eval-gpus-per-task", type=float, default=0.0, help="GPUs per eval task (default: 0)")
     return parser
 
 
@@ -117,6 +142,12 @@ def plan(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         raise ConfigError(f"--report-interval must not be negative, got {args.report_interval}")
     if not config.output_dir:
         raise ConfigError("-o is required: it is the Ray Train run directory that checkpoints and restarts use")
+    if args.hellaswag:
+        if args.eval_tasks < 1 or args.eval_cpus_per_task < 0 or args.eval_gpus_per_task < 0:
+            raise ConfigError("--eval-tasks must be at least 1 and --eval-cpus/gpus-per-task not negative")
+        if args.hellaswag_file and not os.path.isfile(args.hellaswag_file):
+            raise ConfigError(f"--hellaswag-file {args.hellaswag_file}: no such file")
+        config.checkpoint_at_val = True  # the eval tasks read the checkpoint of each -v step
     config.validate()
     config.grad_accum_steps(args.workers)  # -d must split into B*T*workers micro-steps; raises naming them
     run_dir = _absolute(config.output_dir.rstrip("/"))
@@ -165,14 +196,19 @@ class _FailureLog:
 class _Reporter:
     """TrainHooks that feed Ray Train (report, checkpoints) and the dashboard (gauges), and stop on NaN."""
 
-    def __init__(self, launch: Launch, rank: int, device: torch.device, staging: str | None):
+    def __init__(self, launch: Launch, config: TrainConfig, rank: int, device: torch.device, staging: str | None):
         import ray.train
 
         self.ray_train = ray.train
         self.launch, self.rank, self.device, self.staging = launch, rank, device, staging
+        self.config = config
         self.last_report = -math.inf  # the first step is reported at once
         self.steps_done: int | None = None  # for error messages; None while the engine sets up
+        self.total_steps = config.max_steps  # -1 (one epoch) until the engine's first step says how many
         self.gauges = {}
+        self.hellaswag_metrics: dict[str, float | int] = {}  # the last eval's, added to reports and the summary
+        self.progress = Progress(launch.started_at, launch.workers, launch.usd_per_worker_hour)
+        self.hellaswag = None
         if rank == 0:
             from ray.util.metrics import Gauge
 
@@ -180,6 +216,10 @@ class _Reporter:
                 gauge = Gauge(f"raygpt2_{gauge_name}", description=text, tag_keys=("run",))
                 gauge.set_default_tags({"run": launch.run_name})
                 self.gauges[metric_name] = gauge
+            if launch.hellaswag:
+                self.hellaswag = HellaSwagBesideTraining(
+                    HellaSwagSettings(**launch.hellaswag), Path(config.output_dir), config.device,
+                    concurrent=not launch.remote, keep=launch.keep, on_result=self._hellaswag_result)
 
     def on_step(self, metrics: dict[str, Any]) -> None:
         # metrics["step"] is the step index, 0-based like the engine's loop; the console shows it 1-based.
@@ -187,13 +227,65 @@ class _Reporter:
         for name in ("loss", "val_loss"):
             if name in metrics and not math.isfinite(metrics[name]):
                 raise FatalTrainingError(f"rank {self.rank}, step {metrics['step'] + 1}: {name} is {metrics[name]}")
-        done = {**metrics, "step": self.steps_done, "timestamp": time.time()}
+        self.total_steps = metrics.get("total_steps", self.total_steps)
+        if self.rank == 0:
+            self._track_progress(metrics)
+        done = {**metrics, **self.hellaswag_metrics, "step": self.steps_done, "timestamp": time.time()}
         for name, gauge in self.gauges.items():
             if done.get(name) is not None:
                 gauge.set(float(done[name]))
         # The final val-only call ("loss" absent) is always reported, so the last metrics reach Ray.
         if self._report_due() or "loss" not in metrics:
             self._report({k: v for k, v in done.items() if v is not None})
+
+    def _track_progress(self, metrics: dict[str, Any]) -> None:
+        """Collect finished evals (never waits), and every -v steps and at the end print elapsed/ETA/cost."""
+        if self.hellaswag:
+            self.hellaswag.poll(self.steps_done)
+        if "loss" not in metrics:  # the final val-only call: finish() prints the closing line
+            return
+        self.progress.step_done(self.steps_done)
+        every = self.config.val_every
+        if (every > 0 and self.steps_done % every == 0) or self.steps_done == self.total_steps:
+            print(self.progress.line(self.steps_done, self.total_steps), flush=True)
+
+    def _hellaswag_result(self, step: int, result: dict[str, float | int]) -> None:
+        self.hellaswag_metrics = {"hellaswag_step": step, "hellaswag_acc": result["acc"],
+                                  "hellaswag_acc_norm": result["acc_norm"], "hellaswag_examples": result["num_total"]}
+        self.gauges["hellaswag_acc"].set(float(result["acc"]))
+        self.gauges["hellaswag_acc_norm"].set(float(result["acc_norm"]))
+
+    def finish(self, result: TrainResult) -> None:
+        """After the engine returns, on every rank: rank 0 waits for the last evals and writes summary.json;
+        then one last report (a barrier) carries the final HellaSwag result to Ray Train."""
+        if self.rank == 0:
+            if self.hellaswag:
+                self.hellaswag.drain()
+            print(self.progress.line(result.steps, result.steps), flush=True)
+            self._write_summary(result)
+            if self.launch.remote:
+                self._upload("main.log")
+                self._upload("summary.json")
+        self._report({"step": result.steps, **self.hellaswag_metrics, "timestamp": time.time()})
+
+    def _write_summary(self, result: TrainResult) -> None:
+        c, workers = self.config, self.launch.workers
+        tokens_per_step = c.micro_batch * c.seq_len * workers * c.grad_accum_steps(workers)
+        hellaswag = None
+        if self.hellaswag_metrics:
+            hellaswag = {name.removeprefix("hellaswag_"): value for name, value in self.hellaswag_metrics.items()}
+            hellaswag["data"] = self.launch.hellaswag["file"] or "HellaSwag validation set"
+        cost = self.progress.cost()
+        summary = {
+            "run": self.launch.run_dir, "steps": result.steps, "tokens_seen": result.steps * tokens_per_step,
+            "train_loss": result.train_loss, "val_loss": result.val_loss, "hellaswag": hellaswag,
+            "elapsed_s": round(self.progress.elapsed(), 1),
+            "estimated_cost_usd": None if cost is None else round(cost, 4),
+            "usd_per_worker_hour": self.launch.usd_per_worker_hour, "workers": workers,
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+        }
+        path = write_summary(Path(c.output_dir) / "summary.json", summary)
+        print(f"wrote {path if not self.launch.remote else self.launch.run_dir + '/summary.json'}", flush=True)
 
     def _report_due(self) -> bool:
         """Ray Train's controller takes one report per health check (2 s) and a report blocks until the
@@ -215,6 +307,9 @@ class _Reporter:
 
         self.steps_done = step
         metrics = {"step": step, "timestamp": time.time()}
+        if self.hellaswag:  # before Ray registers it: registering may prune a checkpoint an eval still needs
+            every = self.config.val_every
+            self.hellaswag.on_checkpoint(step, path, (every > 0 and step % every == 0) or step == self.total_steps)
         if self.rank != 0:
             self._report(metrics, checkpoint_dir_name=path.name)
         elif not self.launch.remote:  # written in place in the run directory: register it, copy nothing
@@ -223,14 +318,13 @@ class _Reporter:
         else:
             self._report(metrics, checkpoint=Checkpoint.from_directory(str(path)), checkpoint_dir_name=path.name,
                          delete_local_checkpoint_after_upload=True)
-            self._upload_main_log()
+            self._upload("main.log")
 
-    def _upload_main_log(self) -> None:
+    def _upload(self, name: str) -> None:
         import pyarrow.fs
 
         filesystem, path = _storage(self.launch.run_dir)
-        pyarrow.fs.copy_files(os.path.join(self.staging, "main.log"), f"{path}/main.log",
-                              destination_filesystem=filesystem)
+        pyarrow.fs.copy_files(os.path.join(self.staging, name), f"{path}/{name}", destination_filesystem=filesystem)
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -250,18 +344,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         config.device = str(ray.train.torch.get_device())
     else:
         config.device = "cpu"
-        torch.set_num_threads(launch.cpus_per_worker)
+        torch.set_num_threads(max(1, round(launch.cpus_per_worker)))
     staging = None
     if launch.remote:  # the engine writes locally; _Reporter uploads
         staging = os.path.join(tempfile.gettempdir(), "raygpt2", launch.run_name)
         config.output_dir = staging
-    reporter = _Reporter(launch, rank, torch.device(config.device), staging)
+    reporter = _Reporter(launch, config, rank, torch.device(config.device), staging)
     with ExitStack() as stack:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:  # a restart, or -y 1 finding an earlier fit's checkpoints
             config.resume_from = stack.enter_context(checkpoint.as_directory())
         try:
-            train(config, TrainHooks(on_step=reporter.on_step, on_checkpoint=reporter.on_checkpoint))
+            result = train(config, TrainHooks(on_step=reporter.on_step, on_checkpoint=reporter.on_checkpoint))
         except FatalTrainingError as err:
             ray.get(failures.record.remote(str(err)))
             raise
@@ -270,13 +364,21 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             message = f"rank {rank}, {where}: {type(err).__name__}: {err}"
             ray.get(failures.record.remote(message))
             raise FatalTrainingError(message) from err
+        reporter.finish(result)
 
 
-def _resources(args: argparse.Namespace, cluster: dict[str, float]) -> tuple[bool, int]:
+def _resources(args: argparse.Namespace, cluster: dict[str, float]) -> tuple[bool, float]:
     use_gpu = cluster.get("GPU", 0) > 0 if args.use_gpu == "auto" else args.use_gpu == "1"
     if args.cpus_per_worker:
         return use_gpu, args.cpus_per_worker
-    return use_gpu, 1 if use_gpu else max(1, int(cluster.get("CPU", 1)) // args.workers)
+    if use_gpu:
+        return use_gpu, 1
+    cpus = cluster.get("CPU", 1)
+    if args.hellaswag:  # leave the eval tasks room beside the workers, in fractions of a CPU if need be
+        per_worker = (cpus - args.eval_tasks * args.eval_cpus_per_task) / args.workers
+        if per_worker >= 0.25:
+            return use_gpu, per_worker if per_worker < 1 else float(int(per_worker))
+    return use_gpu, max(1, int(cpus) // args.workers)
 
 
 def launch_run(args: argparse.Namespace, callbacks: list | None = None) -> None:
@@ -291,14 +393,19 @@ def launch_run(args: argparse.Namespace, callbacks: list | None = None) -> None:
     remote = _is_uri(run_dir)
     run_name = run_dir.rsplit("/", 1)[-1]
     storage_path = run_dir.rsplit("/", 1)[0] or "/"
-    launch = Launch(run_name=run_name, run_dir=run_dir, remote=remote, use_gpu=use_gpu, cpus_per_worker=cpus,
-                    report_interval=args.report_interval)
-    if not config.resume:
-        _forget_previous_ray_run(run_dir)
     # Ray Train keeps the newest -nk checkpoints it registered; the engine's own pruning could delete the
     # checkpoint Ray would restart from before Ray knows of its successor.
     keep = config.checkpoints_keep or None
     config.checkpoints_keep = 0
+    hellaswag = None
+    if args.hellaswag:
+        hellaswag = asdict(HellaSwagSettings(_absolute(args.hellaswag_file) if args.hellaswag_file else None,
+                                             args.eval_tasks, args.eval_cpus_per_task, args.eval_gpus_per_task))
+    launch = Launch(run_name=run_name, run_dir=run_dir, remote=remote, use_gpu=use_gpu, cpus_per_worker=cpus,
+                    report_interval=args.report_interval, workers=args.workers, started_at=time.time(),
+                    usd_per_worker_hour=hour_price(args.gpu_hour_usd, use_gpu), keep=keep, hellaswag=hellaswag)
+    if not config.resume:
+        _forget_previous_ray_run(run_dir)
     if not remote:
         config.output_dir = run_dir
     failures = ray.remote(num_cpus=0)(_FailureLog).remote()

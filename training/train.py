@@ -227,6 +227,11 @@ class _Run:
             self.hooks.on_checkpoint(step, path)
         return path
 
+    def _checkpoint_due(self, step: int) -> bool:
+        c = self.config
+        every = [c.checkpoint_every] + ([c.val_every] if c.checkpoint_at_val else [])
+        return step > 0 and any(n > 0 and step % n == 0 for n in every)
+
     @torch.no_grad()
     def _validate(self) -> float:
         self.val_loader.reset()
@@ -281,7 +286,7 @@ class _Run:
         if self.main_log:
             self.main_log.train(step, loss, lr, norm)
         return {"loss": loss, "norm": norm, "lr": lr, "ms": 1000 * seconds, "tokens_per_second": tokens_per_second,
-                "mfu": mfu_value, "skipped": skip_loss or skip_grad}
+                "mfu": mfu_value, "skipped": skip_loss or skip_grad, "total_steps": self.steps}
 
     def run(self) -> TrainResult:
         c = self.config
@@ -300,8 +305,7 @@ class _Run:
                         self.main_log.val(step, val_loss)
                 if self.master and fresh and c.sample_every > 0 and ((step > 0 and step % c.sample_every == 0) or last):
                     self._sample()
-                if self.out and fresh and ((c.checkpoint_every > 0 and step > 0 and step % c.checkpoint_every == 0)
-                                           or last):
+                if self.out and fresh and (self._checkpoint_due(step) or last):
                     checkpoint = self._save(step)
                 if not last:
                     metrics.update(self._train_step(step, single_batch))

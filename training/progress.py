@@ -1,0 +1,77 @@
+"""Elapsed time, ETA and estimated cost of a run, and its summary JSON (no Ray: run.py's rank 0 uses it).
+
+Cost is priced like llm.c's GPT-2 reproduction ("$672 for 24 h on 8xH100", i.e. $3.50 per GPU-hour):
+elapsed hours x workers x USD per GPU-hour. CPU workers have no meaningful GPU-hour price, so on CPU there
+is an estimate only when a price is given explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+DEFAULT_GPU_HOUR_USD = 3.50  # an H100 GPU-hour, as in llm.c's $672 / (24 h x 8 GPUs)
+RECENT_STEPS = 20  # steps whose mean wall-clock time predicts the rest (val, samples, checkpoints included)
+
+
+def hour_price(gpu_hour_usd: float | None, use_gpu: bool) -> float | None:
+    """USD per worker-hour for the estimate: the flag if given, else the H100 default on GPU, else none."""
+    if gpu_hour_usd is not None:
+        return gpu_hour_usd
+    return DEFAULT_GPU_HOUR_USD if use_gpu else None
+
+
+def clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Wall-clock progress of a run started at `started_at` (time.time(), the launcher's start)."""
+
+    def __init__(self, started_at: float, workers: int, usd_per_worker_hour: float | None):
+        self.started_at, self.workers, self.price = started_at, workers, usd_per_worker_hour
+        self.step_times: deque[tuple[int, float]] = deque(maxlen=RECENT_STEPS + 1)
+
+    def elapsed(self) -> float:
+        return time.time() - self.started_at
+
+    def cost(self) -> float | None:
+        return None if self.price is None else self.elapsed() / 3600 * self.workers * self.price
+
+    def step_done(self, steps_done: int) -> None:
+        self.step_times.append((steps_done, time.monotonic()))
+
+    def eta(self, steps_done: int, total_steps: int) -> float | None:
+        """Remaining steps x the mean wall-clock time of the recent steps; None before two steps are seen."""
+        if len(self.step_times) < 2:
+            return None
+        (first_step, first_time), (last_step, last_time) = self.step_times[0], self.step_times[-1]
+        if last_step == first_step:
+            return None
+        return (total_steps - steps_done) * (last_time - first_time) / (last_step - first_step)
+
+    def line(self, steps_done: int, total_steps: int) -> str:
+        eta = self.eta(steps_done, total_steps)
+        cost = self.cost()
+        cost_text = ("est. cost n/a on CPU (--gpu-hour-usd prices it)" if cost is None else
+                     f"est. cost ${cost:.2f} ({self.workers} worker(s) x ${self.price:.2f}/h)")
+        return (f"progress {steps_done}/{total_steps} steps | elapsed {clock(self.elapsed())} | "
+                f"ETA {'n/a' if eta is None else clock(eta)} | {cost_text}")
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> Path:
+    """Write `summary` as JSON atomically (temp file, fsync, rename): a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.tmp")
+    with open(partial, "w") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    partial.replace(path)
+    return path
