@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -9,11 +10,19 @@ PACKAGES = ("pipelines", "training", "evals")
 
 
 def connect(address: str | None = None) -> None:
-    """ray.init with this repository's packages shipped to every worker, so workers import the code the
-    driver runs whether or not the project is pip-installed on the cluster's nodes."""
+    """ray.init so that every worker imports the code this driver runs.
+
+    A cluster this call starts runs on this machine and inherits the environment, so putting the repository
+    on PYTHONPATH is enough and lets Ray hand tasks its already-started workers. Any other cluster gets the
+    packages shipped as a runtime env (`py_modules`), so its nodes need only the dependencies.
+    """
     import ray
 
     if ray.is_initialized():
+        return
+    if address is None and "RAY_ADDRESS" not in os.environ:
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        ray.init("local", log_to_driver=True)
         return
     modules = [str(REPO_ROOT / name) for name in PACKAGES if (REPO_ROOT / name / "__init__.py").exists()]
     ray.init(address=address, runtime_env={"py_modules": modules}, log_to_driver=True)
