@@ -1,6 +1,6 @@
 """Tokenize throughput: our Ray Data pipeline against raw tiktoken and a multiprocessing.Pool baseline.
 
-    python bench/tokenize_bench.py [--tokens 40e6] [--workers N]
+    python bench/tokenize_bench.py [--tokens 150e6] [--workers N]
 
 All three run in this process's run on the same documents: the installed Python's docs joined into
 FineWeb-sized documents (~1,000 tokens each). Printed: raw single-process tiktoken tok/s; the Pool + imap
@@ -134,7 +134,7 @@ def ours(pattern: str, out_dir: Path, workers: int | None) -> tuple[int, float, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=float, default=40e6, help="approximate tokens in the large input")
+    parser.add_argument("--tokens", type=float, default=150e6, help="approximate tokens in the large input")
     parser.add_argument("--workers", type=int, help="tokenizer actors and Pool processes (default: CPU count)")
     args = parser.parse_args()
     import ray
