@@ -25,7 +25,6 @@ if __name__ == "__main__":
 
 import argparse
 import hashlib
-import json
 import time
 from array import array
 from dataclasses import asdict, dataclass, field
@@ -46,7 +45,15 @@ from pipelines.sources import (
     read_unit,
 )
 from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding, tokenizer_identity
-from pipelines.writer import HASHES_FILE, MANIFEST_FILE, STATE_FILE, Position, ShardStream, write_json_atomically
+from pipelines.writer import (
+    HASHES_FILE,
+    MANIFEST_FILE,
+    STATE_FILE,
+    Position,
+    ShardStream,
+    read_json,
+    write_json_atomically,
+)
 
 # Reading is light next to BPE, so read tasks ask for a sliver of a CPU, and the actor pool leaves some
 # unclaimed: a pool that claims every CPU starves the readers and the job stalls without an error.
@@ -167,7 +174,7 @@ def _finished_manifest(out_dir: Path, fingerprint: dict) -> dict | None:
     path = out_dir / MANIFEST_FILE
     if not path.exists():
         return None
-    manifest = json.loads(path.read_text())
+    manifest = read_json(path)
     if manifest.get("fingerprint") != fingerprint:
         raise InputError(f"{path}: shards from a run with different inputs or flags are here; "
                          "use another --output-dir or pass --overwrite")
@@ -177,11 +184,26 @@ def _finished_manifest(out_dir: Path, fingerprint: dict) -> dict | None:
     return manifest
 
 
+def _shard_files(out_dir: Path, prefix: str = "*") -> list[Path]:
+    return sorted(out_dir.glob(f"{prefix}_*_[0-9][0-9][0-9][0-9][0-9][0-9].bin"))
+
+
+def _refuse_unknown_shards(out_dir: Path) -> None:
+    """Shards with neither our manifest nor our state file beside them (llm.c's fineweb.py output, or a run
+    whose manifest was deleted) are somebody's data that nothing here can verify: never replace them."""
+    if (out_dir / MANIFEST_FILE).exists() or (out_dir / STATE_FILE).exists():
+        return
+    if found := _shard_files(out_dir):
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        raise InputError(f"{out_dir}: already holds shards ({found[0].name}{more}) but no {MANIFEST_FILE} or "
+                         f"{STATE_FILE} of this pipeline; use another --output-dir, or --overwrite to discard them")
+
+
 def _clear_outputs(out_dir: Path, prefix: str, keep_shards: int) -> None:
     """Remove leftovers of an interrupted run: temp files and shards past the last verified one."""
     for path in out_dir.glob("*.tmp"):
         path.unlink()
-    for path in out_dir.glob(f"{prefix}_*_[0-9][0-9][0-9][0-9][0-9][0-9].bin"):
+    for path in _shard_files(out_dir, prefix):
         if int(path.stem.rsplit("_", 1)[1]) >= keep_shards:
             path.unlink()
 
@@ -202,7 +224,8 @@ def tokenize(config: TokenizeConfig) -> dict:
     if config.overwrite:
         for name in (MANIFEST_FILE, STATE_FILE, HASHES_FILE):
             (out_dir / name).unlink(missing_ok=True)
-        _clear_outputs(out_dir, config.prefix, keep_shards=0)
+        _clear_outputs(out_dir, "*", keep_shards=0)
+    _refuse_unknown_shards(out_dir)
     if manifest := _finished_manifest(out_dir, fingerprint):
         print(f"already complete: {len(manifest['shards'])} shards, {manifest['total_tokens']:,} tokens "
               f"in {out_dir} (use --overwrite to redo)")

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from pipelines.filters import DROP_REASONS, DUPLICATE
 from pipelines.shards import TOKEN_DTYPE, file_sha256, shard_name, write_shard
+from pipelines.sources import InputError
 
 STATE_FILE = "tokenize_state.json"
 HASHES_FILE = "tokenize_dedup_hashes.u64"
@@ -27,6 +28,17 @@ def write_json_atomically(path: Path, payload: dict) -> None:
     partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     partial.write_text(json.dumps(payload, indent=2) + "\n")
     partial.replace(path)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON state file of ours; a truncated or hand-edited one is an InputError naming it."""
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: unreadable ({err}); fix or delete it, or pass --overwrite") from err
+    if not isinstance(payload, dict):
+        raise InputError(f"{path}: not a JSON object; fix or delete it, or pass --overwrite")
+    return payload
 
 
 @dataclass(frozen=True)
@@ -61,7 +73,7 @@ class ShardStream:
         state_path = self.out_dir / STATE_FILE
         if not state_path.exists():
             return 0
-        state = json.loads(state_path.read_text())
+        state = read_json(state_path)
         if state["fingerprint"] != self.fingerprint:
             raise ValueError(
                 f"{state_path}: an unfinished run with different inputs or flags is here; "

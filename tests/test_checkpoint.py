@@ -105,8 +105,22 @@ def test_incompatible_checkpoints_are_refused(data, tmp_path):
     train(tiny_config(data, tmp_path, max_steps=2))
     with pytest.raises(CheckpointError, match=r"-e L2H2C32"):
         train(tiny_config(data, tmp_path, max_steps=4, resume=1, model="L2H2C32"))
-    with pytest.raises(ValueError, match=r"seq_len 16 -> 32"):
+    with pytest.raises(ValueError, match=r"-t 16 -> 32"):
         train(tiny_config(data, tmp_path, max_steps=4, resume=1, seq_len=32))
     shutil.rmtree(tmp_path / "ckpt_00000002")
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         train(tiny_config(data, None, resume_from=str(tmp_path / "ckpt_00000002")))
+
+
+def test_a_used_output_dir_needs_resume_or_overwrite(data, tmp_path, capsys):
+    args = ["-i", str(data / "*_train_*.bin"), "-j", "", "-e", "L2H2C64", "-b", "2", "-t", "16", "-x", "2",
+            "-s", "0", "-o", str(tmp_path)]
+    assert main(args) == 0
+    first_log = (tmp_path / "main.log").read_text()
+    assert main(args) == 2 and "-y 1" in capsys.readouterr().err
+    assert (tmp_path / "main.log").read_text() == first_log
+    assert main([*args, "-y", "1", "-x", "3"]) == 0  # a longer -x continues the same run
+    assert "-x 2 -> 3" in capsys.readouterr().out and list_checkpoints(tmp_path)[-1].name == "ckpt_00000003"
+    assert main([*args, "--overwrite"]) == 0
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000002"]
+    assert (tmp_path / "main.log").read_text() == first_log  # the same flags and seed: the same run again

@@ -74,6 +74,30 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name)[1]))
 
 
+# What a run writes into -o besides its checkpoints (run.py adds the last two).
+RUN_FILES = ("main.log", "hellaswag.jsonl", "summary.json")
+
+
+def claim_output_dir(output_dir: str | os.PathLike, resume: bool, overwrite: bool) -> None:
+    """A new run (no -y 1) must not write over another run's log and checkpoints, which a later -y 1 would
+    then mistake for its own: refuse a used -o unless --overwrite says to discard what is there."""
+    root = Path(output_dir)
+    if resume or not root.is_dir():
+        return
+    checkpoints = list_checkpoints(root)
+    logs = [root / name for name in RUN_FILES if (root / name).is_file() and (root / name).stat().st_size]
+    if not checkpoints and not logs:
+        return
+    if not overwrite:
+        held = ", ".join([*(p.name for p in logs), *([f"{len(checkpoints)} checkpoint(s)"] if checkpoints else [])])
+        raise CheckpointError(f"-o {root}: holds an earlier run ({held}); continue it with -y 1, or pass "
+                              "--overwrite to discard it and start over")
+    for path in checkpoints:
+        shutil.rmtree(path)
+    for path in logs:
+        path.unlink()
+
+
 def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> None:
     for stale in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(stale)

@@ -50,6 +50,7 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"
     resume_from: str | None = None
+    overwrite: bool = False
     # Not a CLI flag: launchers whose evals read checkpoints (run.py -h 1) also checkpoint at every -v step.
     checkpoint_at_val: bool = False
 
@@ -74,6 +75,9 @@ class TrainConfig:
             if value and not self.output_dir:
                 raise ConfigError(f"{flag} {value} needs an output directory (-o)")
 
+    def tokens_per_step(self, world_size: int) -> int:
+        return self.micro_batch * self.seq_len * world_size * self.grad_accum_steps(world_size)
+
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-steps per optimizer step; llm.c's -d -1 means one micro-batch per rank per step."""
         per_step = self.micro_batch * self.seq_len * world_size
@@ -85,6 +89,13 @@ class TrainConfig:
                 f"-t {self.seq_len} x {world_size} rank(s) = {per_step} tokens"
             )
         return self.total_batch_tokens // per_step
+
+
+# Fields that shape the optimisation: a run resumed with other values would not be the run that was saved.
+# (The micro-batch and the rank count may change as long as the tokens per step stay; -x may grow.)
+RUN_DEFINING = {"model": "-e", "seq_len": "-t", "learning_rate": "-l", "final_lr_frac": "-q", "warmup_steps": "-u",
+                "lr_schedule": "-k", "weight_decay": "-c", "skip_loss_z": "-sl", "skip_grad_z": "-sg",
+                "overfit_single_batch": "-a", "seed": "--seed"}
 
 
 # (flags, field, type, help); llm.c's letters first, then our long alias.
@@ -131,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     for flags, field, kind, text in _FLAGS:
         default = getattr(defaults, field)
         parser.add_argument(*flags, dest=field, type=kind, default=default, help=f"{text} (default: {default})")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard an earlier run's main.log and checkpoints in -o (without -y 1 a used -o is "
+                             "refused)")
     return parser
 
 

@@ -42,7 +42,7 @@ if __name__ == "__main__":  # run as a script: make the repo root importable, th
 import torch
 
 from pipelines.shards import ShardFormatError
-from training.checkpoint import CheckpointError
+from training.checkpoint import CheckpointError, claim_output_dir
 from training.config import ConfigError, TrainConfig, build_parser, config_from_args
 from training.export import LlmcFormatError
 from training.progress import Progress, hour_price, write_summary
@@ -437,9 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.cluster import connect
 
     args = build_run_parser().parse_args(argv)
-    try:
-        plan(args)  # flag errors before any cluster starts
-    except ConfigError as err:
+    try:  # flag errors before any cluster starts
+        config, run_dir = plan(args)
+        if not _is_uri(run_dir):
+            claim_output_dir(run_dir, bool(config.resume or config.resume_from), config.overwrite)
+    except (ConfigError, CheckpointError) as err:
         print(f"run.py: error: {err}", file=sys.stderr)
         return 2
     connect(args.address)

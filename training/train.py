@@ -33,6 +33,7 @@ from pipelines.shards import ShardFormatError
 from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
 from training.checkpoint import (
     CheckpointError,
+    claim_output_dir,
     list_checkpoints,
     load_part,
     model_config,
@@ -40,7 +41,7 @@ from training.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from training.config import ConfigError, TrainConfig, parse_args
+from training.config import RUN_DEFINING, ConfigError, TrainConfig, parse_args
 from training.data import ShardLoader
 from training.export import LlmcFormatError, read_llmc
 from training.metrics import MainLog, flops_per_token, mfu, peak_flops, step_line
@@ -185,11 +186,28 @@ class _Run:
             _log(self.master, f"-y 1: no checkpoint in {self.config.output_dir}, starting from scratch")
         return None
 
-    def _restore(self, path: Path) -> None:
-        state = read_state(path)
+    def _check_same_run(self, path: Path, state: dict[str, Any]) -> None:
+        """Refuse to continue a checkpoint under flags that would make it another run; say what differs."""
         if model_config(state) != self.model.config:
             raise CheckpointError(f"{path}: holds model {state['model_config']}, but -e {self.config.model} "
                                   f"is {self.model.config.to_dict()}")
+        saved = TrainConfig(**{k: v for k, v in state["train_config"].items() if k in TrainConfig.__dataclass_fields__})
+        current = asdict(self.config)
+        differs = [f"{flag} {getattr(saved, name)} -> {current[name]}" for name, flag in RUN_DEFINING.items()
+                   if name != "model" and getattr(saved, name) != current[name]]
+        saved_tokens = saved.tokens_per_step(state["world_size"])
+        if saved_tokens != self.config.tokens_per_step(self.world):
+            differs.append(f"-d {saved_tokens} -> {self.config.tokens_per_step(self.world)} tokens per step")
+        if differs:
+            raise CheckpointError(f"{path}: written by a run with other flags ({', '.join(differs)}); resume with "
+                                  "the same flags, or start a new run in another -o")
+        if saved.max_steps != self.config.max_steps:
+            _log(self.master, f"-x {saved.max_steps} -> {self.config.max_steps}: the learning-rate schedule now "
+                              f"runs to step {self.steps}")
+
+    def _restore(self, path: Path) -> None:
+        state = read_state(path)
+        self._check_same_run(path, state)
         self.model.load_state_dict(load_part(path, "model.pt", self.device))
         try:
             self.optimizer.load_state_dict(load_part(path, "optimizer.pt"))
@@ -325,7 +343,10 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        train(parse_args(argv))
+        config = parse_args(argv)
+        if config.output_dir:
+            claim_output_dir(config.output_dir, bool(config.resume or config.resume_from), config.overwrite)
+        train(config)
     except (ConfigError, CheckpointError, ShardFormatError, LlmcFormatError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,124 @@
+"""Bad input and faults, run as a user runs them: the real commands in subprocesses on real files.
+
+Every case must end with exit status 2, one or two lines on stderr that name the file, flag or field at
+fault, no traceback, and every file that existed before the command byte-identical afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipelines.shards import shard_name, write_shard
+from tests.conftest import REPO
+from tests.test_train import make_shards, tiny_config
+from training.train import train
+
+
+@dataclass
+class Case:
+    id: str
+    setup: Callable[[Path], list[str]]  # writes what the case needs under the directory; returns the argv
+    names: str  # the stderr line must contain this (the file, flag or field at fault)
+
+
+def _jsonl(directory: Path, lines: list[str], name: str = "docs.jsonl") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def _good_jsonl(directory: Path) -> Path:
+    return _jsonl(directory, [json.dumps({"text": f"document number {i} has a few words"}) for i in range(20)])
+
+
+def _tokenize(tmp: Path, *extra: str) -> list[str]:
+    return ["pipelines/tokenize.py", "--input", str(_good_jsonl(tmp / "in")), "-o", str(tmp / "out"), *extra]
+
+
+def _foreign_shards(tmp: Path) -> list[str]:
+    """Shards as llm.c's fineweb.py names them, with no manifest of ours: not ours to delete."""
+    (tmp / "out").mkdir()
+    for index in range(2):
+        write_shard(tmp / "out" / shard_name("edufineweb", index), list(range(100)))
+    return _tokenize(tmp)
+
+
+def _deleted_manifest(tmp: Path) -> list[str]:
+    """Our own shards whose manifest was deleted: nothing can tell what made them."""
+    (tmp / "out").mkdir()
+    write_shard(tmp / "out" / shard_name("edu_fineweb", 0), list(range(100)))
+    return _tokenize(tmp)
+
+
+def _truncated(name: str) -> Callable[[Path], list[str]]:
+    def setup(tmp: Path) -> list[str]:
+        (tmp / "out").mkdir()
+        write_shard(tmp / "out" / shard_name("edu_fineweb", 0), list(range(100)))
+        (tmp / "out" / name).write_text('{"fingerprint": {"inputs": ["a.jso')
+        return _tokenize(tmp)
+    return setup
+
+
+def _shards(tmp: Path) -> Path:
+    return make_shards(tmp / "shards", tokens_per_shard=2000, shards=2)
+
+
+def _engine_flags(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["-i", str(data / "*_train_*.bin"), "-j", str(data / "*_val_*.bin"), "-o", str(out), "-e", "L2H2C64",
+            "-b", "2", "-t", "16", "-x", "2", "-s", "0", *extra]
+
+
+def _used_output_dir(script: str) -> Callable[[Path], list[str]]:
+    """A fresh run (no -y 1) into -o where an earlier run left its log and checkpoints."""
+    def setup(tmp: Path) -> list[str]:
+        data = _shards(tmp)
+        train(tiny_config(data, tmp / "run", max_steps=2))
+        extra = ["--workers", "1"] if script.endswith("run.py") else []
+        return [script, *_engine_flags(data, tmp / "run", *extra)]
+    return setup
+
+
+def _resume_with_other_flags(tmp: Path) -> list[str]:
+    """-y 1 into a run made with another learning rate: it would continue somebody else's optimisation."""
+    data = _shards(tmp)
+    train(tiny_config(data, tmp / "run", max_steps=2))
+    return ["training/train.py", *_engine_flags(data, tmp / "run", "-y", "1", "-l", "0.5")]
+
+
+CASES = [
+    Case("tokenize: llm.c shards without a manifest", _foreign_shards, "edufineweb_train_000001.bin"),
+    Case("tokenize: our shards, manifest deleted", _deleted_manifest, "edu_fineweb_val_000000.bin"),
+    Case("tokenize: truncated manifest.json", _truncated("manifest.json"), "manifest.json"),
+    Case("tokenize: truncated tokenize_state.json", _truncated("tokenize_state.json"), "tokenize_state.json"),
+    Case("train.py: fresh run into a used -o", _used_output_dir("training/train.py"), "-y 1"),
+    Case("run.py: fresh run into a used -o", _used_output_dir("training/run.py"), "-y 1"),
+    Case("train.py: -y 1 with another -l", _resume_with_other_flags, "-l 0.001 -> 0.5"),
+]
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_nothing_changes(case, tmp_path):
+    argv = case.setup(tmp_path)
+    before = _snapshot(tmp_path)
+    done = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and 1 <= len(lines) <= 2, done.stderr[-3000:]
+    assert case.names in lines[-1], lines
+    assert _snapshot(tmp_path) == before
