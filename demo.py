@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from gpt2 import mainlog
 
 REPO = Path(__file__).resolve().parent
 SMOKE_HELLASWAG = REPO / "evals" / "data" / "hellaswag_smoke.jsonl"
@@ -36,11 +37,6 @@ def _stage(title: str, command: list[str]) -> None:
     print(f"\n=== {title}\n$ {shlex.join(command)}", flush=True)
     if subprocess.run(command, cwd=REPO).returncode != 0:
         raise StageFailed(f"{title} failed: {shlex.join(command)}")
-
-
-def _val_losses(main_log: Path) -> list[tuple[int, float]]:
-    return [(int(m[1]), float(m[2])) for line in main_log.read_text().splitlines()
-            if (m := re.match(r"^s:(\d+) tel:(\S+)$", line))]
 
 
 def run_demo(out: Path, steps: int, model: str, every: int) -> dict:
@@ -61,7 +57,7 @@ def run_demo(out: Path, steps: int, model: str, every: int) -> dict:
             "--prompt", "The function returns"])
     _stage("4/4 plot main.log", [python, "training/plot.py", str(train_dir)])
     summary = json.loads((train_dir / "summary.json").read_text())
-    val = _val_losses(train_dir / "main.log")
+    val = mainlog.read(train_dir / "main.log")["tel"]
     print(f"\n=== demo summary ({time.time() - started:.0f} s, everything under {out})")
     print(f"shards      : {shards}")
     print(f"val loss    : {val[0][1]:.4f} at step {val[0][0]} -> {val[-1][1]:.4f} at step {val[-1][0]}")

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from evals.hellaswag_data import Example
-from evals.models import load_gpt
 from evals.scoring import evaluate
-from training.checkpoint import save_checkpoint
-from training.model import GPT, GPTConfig, autocast_for
+from gpt2.checkpoint import save_checkpoint
+from gpt2.interop import load_gpt
+from gpt2.model import GPT, GPTConfig, autocast_for
 
 
 def synthetic_examples(count: int, seed: int) -> list[Example]:

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt2.model import GPT, PADDED_VOCAB, GPTConfig, autocast_for
 from training.config import TrainConfig
 from training.metrics import flops_per_token, mfu, peak_flops
-from training.model import GPT, PADDED_VOCAB, GPTConfig, autocast_for
 from training.train import make_optimizer
 
 

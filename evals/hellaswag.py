@@ -19,17 +19,19 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script: import the repo's packages, not modules beside this file
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import torch
 
 from evals.hellaswag_data import CANONICAL_URL, DEFAULT_DATA_DIR, HellaSwagFormatError, load_examples
-from evals.models import ModelSourceError, load_gpt
 from evals.parallel import DEFAULT_CPUS_PER_TASK, DEFAULT_TASKS, launch, prepare
 from evals.scoring import evaluate
+from gpt2.interop import ModelSourceError, load_gpt, resolve_model_source
+from gpt2.model import pick_device
+from pipelines import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="HellaSwag acc / acc_norm of a GPT-2 checkpoint, as llm.c scores it")
-    parser.add_argument("--checkpoint", required=True, help="ckpt_XXXXXXXX dir, HF GPT-2 dir or llm.c model .bin")
+    parser = cli.ArgumentParser(description="HellaSwag acc / acc_norm of a GPT-2 checkpoint, as llm.c scores it")
+    parser.add_argument("--checkpoint", required=True,
+                        help="ckpt_XXXXXXXX dir, run dir (its latest checkpoint), HF GPT-2 dir or llm.c model .bin")
     parser.add_argument("--file", help="HellaSwag jsonl or llm.c eval .bin (magic 20240522) instead of the download")
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="cache for the downloaded validation set")
     parser.add_argument("--url", default=CANONICAL_URL, help="where to download the validation jsonl from")
@@ -37,36 +39,50 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpus-per-task", type=float, default=DEFAULT_CPUS_PER_TASK, help="Ray num_cpus per task")
     parser.add_argument("--gpus-per-task", type=float, default=0.0, help="Ray num_gpus per task (e.g. 0.25)")
     parser.add_argument("--batch-tokens", type=int, help="padded tokens per forward pass (default by device)")
-    parser.add_argument("--device", help="device for --tasks 0 (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default="auto", help="device for --tasks 0: auto (a GPU if there is one), cpu, "
+                                                         "cuda or cuda:N")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local cluster)")
     return parser
 
 
 def run(args: argparse.Namespace) -> dict[str, float | int]:
+    try:
+        checkpoint = resolve_model_source(args.checkpoint)
+    except ModelSourceError as err:
+        raise ModelSourceError(f"--checkpoint {err}") from err
     examples = load_examples(args.file, args.data_dir, args.url)
     started = time.perf_counter()
     if args.tasks == 0:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        result = evaluate(load_gpt(args.checkpoint, device), examples, args.batch_tokens)
+        result = evaluate(load_gpt(checkpoint, pick_device(args.device)), examples, args.batch_tokens)
     else:
         from pipelines.cluster import connect
 
         connect(args.address)
         eval_set = prepare(examples, args.tasks, args.batch_tokens, gpu=args.gpus_per_task > 0)
         started = time.perf_counter()  # scoring only: the cluster start and data upload are not the eval
-        handle = launch(args.checkpoint, eval_set, num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task)
+        handle = launch(checkpoint, eval_set, num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task)
         result = handle.result()
     return {**result, "seconds": time.perf_counter() - started}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float | int]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.tasks < 0:
-        raise SystemExit(f"error: --tasks must be 0 (this process) or more, got {args.tasks}")
+        parser.error(f"--tasks must be 0 (this process) or more, got {args.tasks}")
+    if args.batch_tokens is not None and args.batch_tokens < 1:
+        parser.error(f"--batch-tokens must be positive, got {args.batch_tokens}")
+    if not (args.cpus_per_task >= 0 and args.gpus_per_task >= 0):
+        parser.error("--cpus-per-task and --gpus-per-task must not be negative")
+    try:
+        pick_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
     try:
         result = run(args)
     except (HellaSwagFormatError, ModelSourceError) as err:
-        raise SystemExit(f"error: {err}") from err
+        print(f"hellaswag.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
     print(f"HellaSwag {result['num_total']} examples | acc {result['acc']:.4f} ({result['num_correct']}) | "
           f"acc_norm {result['acc_norm']:.4f} ({result['num_correct_norm']}) | {result['seconds']:.1f} s")
     print(json.dumps(result))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.files import atomic_write
 from pipelines.tokenizer import gpt2_encoding
 
 CANONICAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -43,10 +44,6 @@ class Example:
     context: tuple[int, ...]
     endings: tuple[tuple[int, ...], ...]
     label: int
-
-    @property
-    def longest_row(self) -> int:
-        return len(self.context) + max(len(ending) for ending in self.endings)
 
 
 def _check_record(record: object) -> str | None:
@@ -146,14 +143,11 @@ def read_eval_bin(path: str | os.PathLike) -> list[Example]:
 def download(url: str, destination: Path, timeout: float = 60.0) -> Path:
     """Fetch `url` into `destination` through a temp name, so an interrupted download is never cached."""
     destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
+        with urllib.request.urlopen(url, timeout=timeout) as response, atomic_write(destination) as out:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
-        partial.replace(destination)
     except OSError as err:  # URLError, HTTPError and socket timeouts are all OSErrors
-        partial.unlink(missing_ok=True)
         raise HellaSwagFormatError(f"cannot download HellaSwag from {url}: {err}") from err
     return destination
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evals.hellaswag_data import Example, load_examples
-from evals.models import check_model_source, load_gpt
 from evals.scoring import Batch, Scores, default_batch_tokens, plan_batches, score_batches, summarize
-from evals.vislog import EvalLog
+from gpt2.interop import load_gpt, resolve_model_source
+from gpt2.mainlog import EvalLog
 
 DEFAULT_TASKS = 2
 # Fractional by default: K eval tasks fit beside a training job on a small machine instead of waiting
@@ -40,8 +40,6 @@ class EvalSet:
     """Examples planned into batches and dealt into per-task groups held in Ray's object store."""
 
     groups: list[Any]  # ObjectRefs of list[Batch]
-    num_examples: int
-    batch_tokens: int
 
 
 def prepare(examples: Sequence[Example] | str | os.PathLike, tasks: int = DEFAULT_TASKS,
@@ -56,7 +54,7 @@ def prepare(examples: Sequence[Example] | str | os.PathLike, tasks: int = DEFAUL
     batch_tokens = batch_tokens or default_batch_tokens("cuda" if gpu else "cpu")
     batches = plan_batches(examples, batch_tokens)
     groups = [batches[k::tasks] for k in range(min(tasks, len(batches)))]
-    return EvalSet([ray.put(group) for group in groups], len(examples), batch_tokens)
+    return EvalSet([ray.put(group) for group in groups])
 
 
 @dataclass
@@ -86,12 +84,6 @@ class EvalHandle:
             self._result = summarize(Scores.concatenate(scores for scores, _, _ in outputs))
         return self._result
 
-    def cancel(self) -> None:
-        import ray
-
-        for ref in self.refs:
-            ray.cancel(ref)
-
 
 def launch(checkpoint: str | os.PathLike, examples: EvalSet | Sequence[Example] | str | os.PathLike,
            tasks: int = DEFAULT_TASKS, num_cpus: float = DEFAULT_CPUS_PER_TASK, num_gpus: float = 0.0,
@@ -101,7 +93,7 @@ def launch(checkpoint: str | os.PathLike, examples: EvalSet | Sequence[Example] 
     readable by the workers until the tasks have started (do not prune it while an eval is queued)."""
     import ray
 
-    check_model_source(checkpoint)  # a bad path fails here, not later inside every task
+    checkpoint = resolve_model_source(checkpoint)  # a bad path fails here, not later inside every task
     if not isinstance(examples, EvalSet):
         examples = prepare(examples, tasks, batch_tokens, gpu=num_gpus > 0)
     # Ray sets OMP_NUM_THREADS to 1 for fractional tasks; whole CPUs per task get that many torch threads.

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from evals.hellaswag_data import NUM_ENDINGS, Example
-from training.model import GPT, autocast_for
+from gpt2.model import GPT, autocast_for
 
 DEFAULT_BATCH_TOKENS = {"cpu": 2048, "cuda": 65536}
 # Logit elements materialised at once (64 MiB of fp32): bounds memory for any batch size.
@@ -116,21 +115,12 @@ def plan_batches(examples: Sequence[Example], batch_tokens: int) -> list[Batch]:
     return batches
 
 
-def _shared_context_hidden(model: GPT, tokens: torch.Tensor, positions: torch.Tensor,
-                           segments: torch.Tensor) -> torch.Tensor:
-    """GPT's forward (training/model.py Block, inference path) with explicit positions and attention mask."""
-    causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool, device=tokens.device).tril()
+def _packed_attention_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) True where a position may attend: earlier positions of the context or of its own ending."""
+    width = segments.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
     visible = (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
-    mask = (causal & visible)[:, None]  # (B, 1, T, T), shared by the heads
-    x = model.wte(tokens) + model.wpe(positions)
-    batch, width, channels = x.shape
-    for block in model.h:
-        qkv = block.c_attn(block.ln_1(x))
-        q, k, v = qkv.view(batch, width, 3, block.n_head, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = x + block.attn_proj(attended.transpose(1, 2).reshape(batch, width, channels))
-        x = x + block.mlp_proj(F.gelu(block.c_fc(block.ln_2(x)), approximate="tanh"))
-    return model.ln_f(x)
+    return (causal & visible)[:, None]
 
 
 def _token_losses(hidden: torch.Tensor, unembedding: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -156,8 +146,8 @@ def score_batch(model: GPT, batch: Batch) -> Scores:
         return torch.tensor(array, device=device)
 
     with autocast_for(device):
-        hidden = _shared_context_hidden(model, as_tensor(batch.tokens), as_tensor(batch.positions),
-                                        as_tensor(batch.segments))
+        hidden = model.hidden_states(as_tensor(batch.tokens), as_tensor(batch.positions),
+                                     _packed_attention_mask(as_tensor(batch.segments)))
         scored = hidden[as_tensor(batch.score_rows), as_tensor(batch.score_positions)]
         losses = _token_losses(scored, model.wte.weight[: model.config.vocab_size], as_tensor(batch.targets))
     # Sums in float64 so the order tokens are added in does not move the last digits.

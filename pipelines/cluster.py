@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipelines", "training", "evals")
+PACKAGES = ("pipelines", "gpt2", "training", "evals")
 
 
 def connect(address: str | None = None) -> None:

@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
+from gpt2.checkpoint import CheckpointError, list_checkpoints, load_model, load_part
 from tests.test_train import make_shards, tiny_config
-from training.checkpoint import CheckpointError, list_checkpoints, load_model, load_part
 from training.train import TrainHooks, main, train
 
 
@@ -124,3 +124,15 @@ def test_a_used_output_dir_needs_resume_or_overwrite(data, tmp_path, capsys):
     assert main([*args, "--overwrite"]) == 0
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000002"]
     assert (tmp_path / "main.log").read_text() == first_log  # the same flags and seed: the same run again
+
+
+def test_nan_loss_stops_train_py_naming_the_step_with_no_nan_checkpoint(data, tmp_path, capsys):
+    args = ["-i", str(data / "*_train_*.bin"), "-j", "", "-e", "L2H2C64", "-b", "2", "-t", "16", "-x", "6",
+            "-s", "0", "-n", "1", "-l", "1e30", "-o", str(tmp_path)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert re.match(r"error: step \d: loss is nan", err) and err.count("\n") == 1, err
+    steps = [int(p.name[5:]) for p in list_checkpoints(tmp_path)]
+    assert steps and max(steps) < 6  # stopped, and wrote nothing after the step that diverged
+    for path in list_checkpoints(tmp_path):
+        assert all(torch.isfinite(t).all() for t in load_part(path, "model.pt").values()), path

@@ -3,6 +3,7 @@ reference, HF export, the CLI, Ray fan-out identical for any K, and evals runnin
 
 import http.server
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -16,14 +17,13 @@ import torch.nn.functional as F
 
 from evals.hellaswag import main
 from evals.hellaswag_data import EVAL_MAGIC, Example, HellaSwagFormatError, load_examples, read_jsonl
-from evals.models import ModelSourceError, load_gpt
 from evals.parallel import ConcurrentEvals, launch, prepare, spare_resources
 from evals.scoring import evaluate, plan_batches, score_batches, summarize
-from evals.vislog import EvalLog
+from gpt2.checkpoint import save_checkpoint
+from gpt2.interop import ModelSourceError, export_hf, load_gpt, write_llmc
+from gpt2.mainlog import EvalLog
+from gpt2.model import GPT, GPTConfig
 from pipelines.tokenizer import gpt2_encoding
-from training.checkpoint import save_checkpoint
-from training.export import export_hf, write_llmc
-from training.model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("the man woman dog ball runs jumps kitchen slowly quickly then picks up puts down a an water bike "
@@ -214,7 +214,7 @@ def test_eval_log_writes_steps_in_order_whenever_results_arrive(tmp_path):
     assert (tmp_path / "main.log").read_text() == "s:10 eval:0.200000\ns:20 eval:0.250000\ns:30 eval:0.300000\n"
 
 
-def test_ray_result_is_identical_for_any_k(ray_cluster, model, checkpoint, data_file):
+def test_ray_result_is_identical_for_any_k(ray_cluster, model, checkpoint, data_file, capsys):
     expected = evaluate(model, read_jsonl(data_file), batch_tokens=600)
     for tasks in (1, 2, 3):
         handle = launch(checkpoint, data_file, tasks=tasks, batch_tokens=600)
@@ -222,8 +222,12 @@ def test_ray_result_is_identical_for_any_k(ray_cluster, model, checkpoint, data_
         assert len(handle.task_spans) == tasks
     result = main(["--checkpoint", str(checkpoint), "--file", str(data_file), "--tasks", "3"])
     assert {k: result[k] for k in expected} == evaluate(model, read_jsonl(data_file))
-    with pytest.raises(SystemExit, match="error: --checkpoint .*nowhere: not a checkpoint"):
+    run_dir_result = main(["--checkpoint", str(checkpoint.parent), "--file", str(data_file), "--tasks", "0"])
+    assert {k: run_dir_result[k] for k in expected} == {k: result[k] for k in expected}  # its latest checkpoint
+    with pytest.raises(SystemExit) as exit_status:
         main(["--checkpoint", str(checkpoint.parent / "nowhere"), "--file", str(data_file)])
+    assert exit_status.value.code == 2
+    assert re.match(r"hellaswag.py: error: --checkpoint .*nowhere: not a checkpoint", capsys.readouterr().err)
 
 
 def test_evals_run_while_a_training_loop_continues(ray_cluster, data_file, tmp_path):

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training import model as model_module
-from training.export import to_hf
-from training.model import GPT, GPT2_VOCAB, PADDED_VOCAB, GPTConfig, fused_cross_entropy
+from gpt2 import model as model_module
+from gpt2.interop import to_hf
+from gpt2.model import GPT, GPT2_VOCAB, PADDED_VOCAB, GPTConfig, fused_cross_entropy
 
 TINY = GPTConfig.from_descriptor("L2H2C64")
 

@@ -4,8 +4,9 @@ import sys
 
 from PIL import Image
 
+from gpt2 import mainlog
 from tests.conftest import REPO
-from training.plot import model_size, read_main_log
+from training.plot import model_size
 
 
 def write_run(run_dir, n_layer=12, n_embd=768):
@@ -21,7 +22,7 @@ def write_run(run_dir, n_layer=12, n_embd=768):
 
 def test_main_log_parsing_and_model_size(tmp_path):
     write_run(tmp_path / "run")
-    series = read_main_log(tmp_path / "run" / "main.log")
+    series = mainlog.read(tmp_path / "run" / "main.log")
     assert len(series["trl"]) == 50 and series["trl"][10] == (10, 3.9)
     assert series["tel"] == [(0, 4.1), (25, 3.8), (49, 3.6)]
     assert series["eval"] == [(25, 0.265), (49, 0.28)]

@@ -1,58 +1,21 @@
 """`ray job submit --working-dir . -- python training/run.py --workers 2 ...` against a real `ray start --head`."""
 
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.ray_head import RAY, ray_head
 from tests.test_train import make_shards
 
 REPO = Path(__file__).resolve().parents[1]
-RAY = [sys.executable, "-m", "ray.scripts.scripts"]
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture
 def head_node(tmp_path_factory):
-    """A head node with a dashboard on free ports, in its own temp dir, beside any other cluster on this
-    machine. `--block` keeps `ray start` in the foreground; terminating it stops this cluster alone, where
-    `ray stop` would stop every cluster on the machine."""
-    gcs, dashboard, agent, agent_grpc, metrics, runtime_env, client = free_ports(7)
-    temp_dir = tmp_path_factory.mktemp("rayhead")
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # the CLI then reads ~/.ray/auth_token
-    head = subprocess.Popen(
-        [*RAY, "start", "--head", "--block", f"--port={gcs}", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-         f"--runtime-env-agent-port={runtime_env}", f"--ray-client-server-port={client}", "--num-cpus=2",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 120
-    while subprocess.run([*RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode:
-        assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
-        time.sleep(2)
-    yield address, env
-    head.send_signal(signal.SIGTERM)
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
+    """A head node with a dashboard on free ports, in its own temp dir, beside any other cluster here."""
+    with ray_head(tmp_path_factory.mktemp("rayhead")) as head:
+        yield head.dashboard_url, head.env
 
 
 def test_ray_job_submit_runs_the_launcher_on_a_head_node(head_node, tmp_path):

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 from dataclasses import dataclass
+
+from pipelines import cli
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 
@@ -59,6 +63,14 @@ class TrainConfig:
         for flag, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{flag} must be positive, got {value}")
+        not_negative = {"-l": self.learning_rate, "-c": self.weight_decay, "-sl": self.skip_loss_z,
+                        "-sg": self.skip_grad_z, "-v": self.val_every, "-s": self.sample_every, "-g": self.gen_tokens,
+                        "-n": self.checkpoint_every, "-nk": self.checkpoints_keep}
+        for flag, value in not_negative.items():
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{flag} must be a finite number >= 0, got {value}")
+        if self.output_dir and os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise ConfigError(f"-o {self.output_dir}: exists and is not a directory")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"-k {self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
         if not 0.0 <= self.final_lr_frac <= 1.0:
@@ -134,7 +146,7 @@ _FLAGS: list[tuple[tuple[str, ...], str, type, str]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description="GPT-2 pretraining, llm.c train_gpt2cu flags", add_help=False,
     )
     parser.add_argument("--help", action="help", help="show this message and exit")

@@ -14,19 +14,21 @@ import glob
 import numpy as np
 import torch
 
-from pipelines.shards import read_shard
+from gpt2.model import GPT2_VOCAB
+from pipelines.shards import ShardFormatError, read_shard
 from training.config import ConfigError
 
 
 class ShardLoader:
     def __init__(self, pattern: str, flag: str, batch: int, seq_len: int, rank: int = 0, world: int = 1,
-                 seed: int = 42, shuffle: bool = True):
+                 seed: int = 42, shuffle: bool = True, vocab_size: int = GPT2_VOCAB):
         self.files = sorted(glob.glob(pattern))
         if not self.files:
             raise ConfigError(f"{flag} {pattern!r}: no files match")
         self.shards = [read_shard(path) for path in self.files]
         self.batch, self.seq_len, self.rank, self.world = batch, seq_len, rank, world
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.vocab_size = seed, shuffle, vocab_size
+        self.checked: set[int] = set()  # shards whose token ids are known to fit the vocabulary
         self.num_seqs = [max(0, (len(tokens) - 1) // seq_len) for tokens in self.shards]
         self.global_batch = world * batch
         if max(self.num_seqs) < self.global_batch:
@@ -59,12 +61,25 @@ class ShardLoader:
                 self.epoch, self.shard_pos = self.epoch + 1, 0
                 shard_order, seq_orders = self._epoch_orders()
         shard = shard_order[self.shard_pos]
+        self._check_tokens(shard)
         first = self.seq_pos + self.rank * self.batch
         starts = seq_orders[shard][first:first + self.batch] * self.seq_len
         rows = np.asarray(self.shards[shard][starts[:, None] + np.arange(self.seq_len + 1)], dtype=np.int64)
         self.seq_pos += self.global_batch
         batch = torch.from_numpy(rows)
         return batch[:, :-1], batch[:, 1:]
+
+    def _check_tokens(self, shard: int) -> None:
+        """An id outside the vocabulary would crash the embedding far from its cause (and the same way after
+        every restart): look once per shard, when it is first read, and name the shard and the offset."""
+        if shard in self.checked:
+            return
+        tokens = self.shards[shard]
+        if len(tokens) and int(tokens.max()) >= self.vocab_size:
+            offset = int(np.argmax(np.asarray(tokens) >= self.vocab_size))
+            raise ShardFormatError(f"{self.files[shard]}: token id {int(tokens[offset])} at token {offset} is outside "
+                                   f"the model's vocabulary of {self.vocab_size}")
+        self.checked.add(shard)
 
     def reset(self) -> None:
         self.epoch = self.shard_pos = self.seq_pos = 0

@@ -8,15 +8,16 @@ shown only when the run's model is one of GPT-2's four sizes (from --model, or t
 
 from __future__ import annotations
 
-import argparse
 import json
-import re
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: make the repo root importable instead of training/
     sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from gpt2 import mainlog
+from pipelines import cli
+from pipelines.files import atomic_write
 
 # (layers, channels) -> size, and OpenAI's figures for each size (FineWeb val loss; HellaSwag acc_norm)
 GPT2_SIZES = {(12, 768): "124M", (24, 1024): "350M", (36, 1280): "774M", (48, 1600): "1558M"}
@@ -24,18 +25,6 @@ PRESET_SIZES = {"d12": "124M", "d24": "350M", "d36": "774M", "d48": "1558M"}
 GPT2_FINEWEB_VAL_LOSS = {"124M": 3.42, "350M": 3.08, "774M": 3.00, "1558M": 2.83}
 GPT2_HELLASWAG = {"124M": 0.294, "350M": 0.375, "774M": 0.432, "1558M": 0.489}
 GPT3_HELLASWAG = {"124M": 0.337, "350M": 0.436, "774M": 0.510, "1558M": 0.547}
-
-_LINE = re.compile(r"^s:(\d+) (trl|tel|eval):([-+0-9.eEnaif]+)")
-
-
-def read_main_log(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """{'trl': [(step, value)], 'tel': [...], 'eval': [...]} in step order; later duplicates win."""
-    series: dict[str, dict[int, float]] = defaultdict(dict)
-    for line in path.read_text().splitlines():
-        if match := _LINE.match(line):
-            series[match[2]][int(match[1])] = float(match[3])
-    return {kind: sorted(series[kind].items()) for kind in ("trl", "tel", "eval")}
-
 
 def model_size(run_dir: Path, model: str | None) -> str | None:
     """GPT-2 size name of the run's model, from -e/--model or the newest checkpoint's state.json."""
@@ -54,7 +43,7 @@ def plot(run_dir: Path, output: Path, model: str | None = None) -> Path:
     matplotlib.use("Agg")  # files only: runs on headless nodes
     import matplotlib.pyplot as plt
 
-    series = read_main_log(run_dir / "main.log")
+    series = mainlog.read(run_dir / "main.log")
     size = model_size(run_dir, model)
     figure, (loss_axis, eval_axis) = plt.subplots(1, 2, figsize=(16, 6))
     for kind, label in (("trl", "train loss"), ("tel", "val loss")):
@@ -76,15 +65,14 @@ def plot(run_dir: Path, output: Path, model: str | None = None) -> Path:
     eval_axis.legend()
     figure.suptitle(f"{run_dir}" + (f" — GPT-2 {size}" if size else ""))
     output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(output.name + ".tmp.png")
-    figure.savefig(partial, dpi=100, bbox_inches="tight")
+    with atomic_write(output) as f:
+        figure.savefig(f, format="png", dpi=100, bbox_inches="tight")
     plt.close(figure)
-    partial.replace(output)
     return output
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Plot OUT_DIR/main.log like llm.c's vislog.")
+    parser = cli.ArgumentParser(description="Plot OUT_DIR/main.log like llm.c's vislog.")
     parser.add_argument("run_dir", type=Path, help="the training output dir (-o) holding main.log")
     parser.add_argument("-e", "--model", help="model preset (d12/d24/d36/d48) for the reference lines")
     parser.add_argument("-o", "--output", type=Path, help="PNG path (default RUN_DIR/main.png)")

@@ -1,4 +1,4 @@
-"""Elapsed time, ETA and estimated cost of a run, and its summary JSON (no Ray: run.py's rank 0 uses it).
+"""Elapsed time, ETA and estimated cost of a run, and its summary (no Ray: run.py's rank 0 uses it).
 
 Cost is priced like llm.c's GPT-2 reproduction ("$672 for 24 h on 8xH100", i.e. $3.50 per GPU-hour):
 elapsed hours x workers x USD per GPU-hour. CPU workers have no meaningful GPU-hour price, so on CPU there
@@ -7,11 +7,8 @@ is an estimate only when a price is given explicitly.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections import deque
-from pathlib import Path
 from typing import Any
 
 DEFAULT_GPU_HOUR_USD = 3.50  # an H100 GPU-hour, as in llm.c's $672 / (24 h x 8 GPUs)
@@ -55,6 +52,13 @@ class Progress:
             return None
         return (total_steps - steps_done) * (last_time - first_time) / (last_step - first_step)
 
+    def summary(self, steps: int, tokens_per_step: int, device: str) -> dict[str, Any]:
+        """The run's size, time and price, for summary.json."""
+        cost = self.cost()
+        return {"steps": steps, "tokens_seen": steps * tokens_per_step, "elapsed_s": round(self.elapsed(), 1),
+                "estimated_cost_usd": None if cost is None else round(cost, 4), "usd_per_worker_hour": self.price,
+                "workers": self.workers, "device": device}
+
     def line(self, steps_done: int, total_steps: int) -> str:
         eta = self.eta(steps_done, total_steps)
         cost = self.cost()
@@ -62,16 +66,3 @@ class Progress:
                      f"est. cost ${cost:.2f} ({self.workers} worker(s) x ${self.price:.2f}/h)")
         return (f"progress {steps_done}/{total_steps} steps | elapsed {clock(self.elapsed())} | "
                 f"ETA {'n/a' if eta is None else clock(eta)} | {cost_text}")
-
-
-def write_summary(path: Path, summary: dict[str, Any]) -> Path:
-    """Write `summary` as JSON atomically (temp file, fsync, rename): a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp")
-    with open(partial, "w") as f:
-        json.dump(summary, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    partial.replace(path)
-    return path

@@ -41,30 +41,24 @@ if __name__ == "__main__":  # run as a script: make the repo root importable, th
 
 import torch
 
+from evals.hellaswag_data import HellaSwagFormatError, load_examples
+from gpt2.checkpoint import CheckpointError, claim_output_dir
+from gpt2.interop import LlmcFormatError
+from pipelines import cli
+from pipelines.files import write_json
 from pipelines.shards import ShardFormatError
-from training.checkpoint import CheckpointError, claim_output_dir
 from training.config import ConfigError, TrainConfig, build_parser, config_from_args
-from training.export import LlmcFormatError
-from training.progress import Progress, hour_price, write_summary
+from training.console import RAY_TRAIN_CONSOLE_LEVEL, quiet_ray_train_console
+from training.gauges import RunGauges
+from training.progress import Progress, hour_price
 from training.run_hellaswag import HellaSwagBesideTraining, HellaSwagSettings
-from training.train import TrainHooks, TrainResult, train
+from training.train import TrainHooks, TrainingDiverged, TrainResult, train
 
 # Ray Train's bookkeeping file in the run directory; without it a new fit starts with no checkpoint.
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
-# Engine metric -> Ray gauge (exported to Prometheus as ray_raygpt2_<name>{run=...}).
-GAUGES = {
-    "loss": ("train_loss", "mean train loss of the last step over all ranks"),
-    "val_loss": ("val_loss", "mean validation loss over all ranks"),
-    "lr": ("lr", "learning rate of the last step"),
-    "norm": ("grad_norm", "global gradient norm before clipping"),
-    "tokens_per_second": ("tokens_per_second", "tokens per second of the last step, all ranks together"),
-    "mfu": ("mfu", "model FLOPs utilisation of the last step (0-1; absent on CPU and unknown GPUs)"),
-    "step": ("step", "optimizer steps done"),
-    "hellaswag_acc": ("hellaswag_acc", "HellaSwag accuracy of the last eval"),
-    "hellaswag_acc_norm": ("hellaswag_acc_norm", "HellaSwag acc_norm (llm.c's headline number) of the last eval"),
-}
 # Errors that a restart from the last checkpoint would only repeat.
-DETERMINISTIC_ERRORS = (ConfigError, CheckpointError, ShardFormatError, LlmcFormatError, torch.OutOfMemoryError)
+DETERMINISTIC_ERRORS = (ConfigError, CheckpointError, ShardFormatError, LlmcFormatError, HellaSwagFormatError,
+                        TrainingDiverged, torch.OutOfMemoryError)
 
 
 class FatalTrainingError(RuntimeError):
@@ -93,7 +87,7 @@ def _is_uri(path: str) -> bool:
 
 
 def build_run_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description="GPT-2 pretraining on Ray Train; engine flags as llm.c's train_gpt2cu (see training/train.py)",
         add_help=False, parents=[build_parser()],
     )
@@ -193,67 +187,122 @@ class _FailureLog:
         return self.message
 
 
-class _Reporter:
-    """TrainHooks that feed Ray Train (report, checkpoints) and the dashboard (gauges), and stop on NaN."""
+class _RayReports:
+    """What Ray Train hears from the workers: metrics now and then, and every checkpoint.
 
-    def __init__(self, launch: Launch, config: TrainConfig, rank: int, device: torch.device, staging: str | None):
+    ray.train.report is a barrier every rank must reach equally often, and Ray Train's controller takes one
+    report per health check (2 s), a report blocking until the previous one is taken: per-step reports
+    would throttle fast steps. So reports go about every --report-interval seconds, counted in steps: at
+    each report (a barrier already) rank 0 turns its measured step time into the number of steps to the
+    next one and broadcasts it, so the steps in between make no collective call of their own.
+    """
+
+    def __init__(self, launch: Launch, rank: int, device: torch.device, staging: str | None):
         import ray.train
 
         self.ray_train = ray.train
         self.launch, self.rank, self.device, self.staging = launch, rank, device, staging
-        self.config = config
-        self.last_report = -math.inf  # the first step is reported at once
+        self.next_report = 0  # steps done at which the next report goes; 0: the first step reports at once
+        self.last_report: tuple[int, float] | None = None  # (steps done, time.monotonic()) at the last one
+
+    def on_step(self, steps_done: int, metrics: dict[str, Any]) -> None:
+        if steps_done >= self.next_report:
+            self.report(metrics)
+            self.next_report = steps_done + self._agree_on_stride(steps_done)
+
+    def _agree_on_stride(self, steps_done: int) -> int:
+        now = time.monotonic()
+        stride = torch.ones(1, dtype=torch.int64, device=self.device)
+        if self.last_report is not None and steps_done > self.last_report[0]:
+            seconds_per_step = (now - self.last_report[1]) / (steps_done - self.last_report[0])
+            stride[0] = max(1, math.ceil(self.launch.report_interval / max(seconds_per_step, 1e-6)))
+        self.last_report = (steps_done, now)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.broadcast(stride, src=0)  # rank 0's clock decides for every rank
+        return int(stride.item())
+
+    def report(self, metrics: dict[str, Any], **checkpoint: Any) -> None:
+        self.ray_train.report({k: v for k, v in metrics.items() if v is not None}, **checkpoint)
+
+    def register(self, step: int, path: Path) -> None:
+        """Every rank reports (a barrier); rank 0, which wrote the directory, attaches it."""
+        from ray.train import Checkpoint, CheckpointUploadMode
+
+        metrics = {"step": step, "timestamp": time.time()}
+        if self.rank != 0:
+            self.report(metrics, checkpoint_dir_name=path.name)
+        elif not self.launch.remote:  # written in place in the run directory: register it, copy nothing
+            self.report(metrics, checkpoint=Checkpoint.from_directory(str(path)), checkpoint_dir_name=path.name,
+                        checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+        else:
+            self.report(metrics, checkpoint=Checkpoint.from_directory(str(path)), checkpoint_dir_name=path.name,
+                        delete_local_checkpoint_after_upload=True)
+            self.upload("main.log")
+
+    def upload(self, name: str) -> None:
+        """Copy a file of the local staging directory next to the checkpoints of a cloud -o."""
+        import pyarrow.fs
+
+        filesystem, path = _storage(self.launch.run_dir)
+        pyarrow.fs.copy_files(os.path.join(self.staging, name), f"{path}/{name}", destination_filesystem=filesystem)
+
+
+class _WorkerHooks:
+    """The engine's TrainHooks on a Ray Train worker: Ray reports on every rank; on rank 0 also
+    the dashboard gauges, progress / ETA / cost lines, HellaSwag beside training and summary.json."""
+
+    def __init__(self, launch: Launch, config: TrainConfig, rank: int, device: torch.device, staging: str | None):
+        self.launch, self.config, self.rank, self.device = launch, config, rank, device
+        self.reports = _RayReports(launch, rank, device, staging)
         self.steps_done: int | None = None  # for error messages; None while the engine sets up
         self.total_steps = config.max_steps  # -1 (one epoch) until the engine's first step says how many
-        self.gauges = {}
         self.hellaswag_metrics: dict[str, float | int] = {}  # the last eval's, added to reports and the summary
         self.progress = Progress(launch.started_at, launch.workers, launch.usd_per_worker_hour)
+        self.gauges = RunGauges(launch.run_name) if rank == 0 else None
         self.hellaswag = None
-        if rank == 0:
-            from ray.util.metrics import Gauge
-
-            for metric_name, (gauge_name, text) in GAUGES.items():
-                gauge = Gauge(f"raygpt2_{gauge_name}", description=text, tag_keys=("run",))
-                gauge.set_default_tags({"run": launch.run_name})
-                self.gauges[metric_name] = gauge
-            if launch.hellaswag:
-                self.hellaswag = HellaSwagBesideTraining(
-                    HellaSwagSettings(**launch.hellaswag), Path(config.output_dir), config.device,
-                    concurrent=not launch.remote, keep=launch.keep, on_result=self._hellaswag_result)
+        if rank == 0 and launch.hellaswag:
+            self.hellaswag = HellaSwagBesideTraining(
+                HellaSwagSettings(**launch.hellaswag), Path(config.output_dir), config.device,
+                concurrent=not launch.remote, keep=launch.keep, on_result=self._hellaswag_result)
 
     def on_step(self, metrics: dict[str, Any]) -> None:
         # metrics["step"] is the step index, 0-based like the engine's loop; the console shows it 1-based.
         self.steps_done = metrics["step"] + ("loss" in metrics)
-        for name in ("loss", "val_loss"):
-            if name in metrics and not math.isfinite(metrics[name]):
-                raise FatalTrainingError(f"rank {self.rank}, step {metrics['step'] + 1}: {name} is {metrics[name]}")
         self.total_steps = metrics.get("total_steps", self.total_steps)
         if self.rank == 0:
             self._track_progress(metrics)
         done = {**metrics, **self.hellaswag_metrics, "step": self.steps_done, "timestamp": time.time()}
-        for name, gauge in self.gauges.items():
-            if done.get(name) is not None:
-                gauge.set(float(done[name]))
-        # The final val-only call ("loss" absent) is always reported, so the last metrics reach Ray.
-        if self._report_due() or "loss" not in metrics:
-            self._report({k: v for k, v in done.items() if v is not None})
+        if self.gauges:
+            self.gauges.update({**done, "elapsed_s": self.progress.elapsed(), "cost_usd": self.progress.cost(),
+                                "eta_s": self.progress.eta(self.steps_done, self.total_steps)})
+        if "loss" in metrics:
+            self.reports.on_step(self.steps_done, done)
+        else:  # the final val-only call: always reported, so the last metrics reach Ray
+            self.reports.report(done)
 
     def _track_progress(self, metrics: dict[str, Any]) -> None:
-        """Collect finished evals (never waits), and every -v steps and at the end print elapsed/ETA/cost."""
+        """Collect finished evals (never waits), and every -v steps print elapsed/ETA/cost (finish() prints
+        the last line)."""
         if self.hellaswag:
             self.hellaswag.poll(self.steps_done)
-        if "loss" not in metrics:  # the final val-only call: finish() prints the closing line
+        if "loss" not in metrics:
             return
         self.progress.step_done(self.steps_done)
         every = self.config.val_every
-        if (every > 0 and self.steps_done % every == 0) or self.steps_done == self.total_steps:
+        if every > 0 and self.steps_done % every == 0 and self.steps_done != self.total_steps:
             print(self.progress.line(self.steps_done, self.total_steps), flush=True)
 
     def _hellaswag_result(self, step: int, result: dict[str, float | int]) -> None:
         self.hellaswag_metrics = {"hellaswag_step": step, "hellaswag_acc": result["acc"],
                                   "hellaswag_acc_norm": result["acc_norm"], "hellaswag_examples": result["num_total"]}
-        self.gauges["hellaswag_acc"].set(float(result["acc"]))
-        self.gauges["hellaswag_acc_norm"].set(float(result["acc_norm"]))
+        self.gauges.update(self.hellaswag_metrics)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.steps_done = step
+        if self.hellaswag:  # before Ray registers it: registering may prune a checkpoint an eval still needs
+            every = self.config.val_every
+            self.hellaswag.on_checkpoint(step, path, (every > 0 and step % every == 0) or step == self.total_steps)
+        self.reports.register(step, path)
 
     def finish(self, result: TrainResult) -> None:
         """After the engine returns, on every rank: rank 0 waits for the last evals and writes summary.json;
@@ -264,67 +313,22 @@ class _Reporter:
             print(self.progress.line(result.steps, result.steps), flush=True)
             self._write_summary(result)
             if self.launch.remote:
-                self._upload("main.log")
-                self._upload("summary.json")
-        self._report({"step": result.steps, **self.hellaswag_metrics, "timestamp": time.time()})
+                self.reports.upload("main.log")
+                self.reports.upload("summary.json")
+        self.reports.report({"step": result.steps, **self.hellaswag_metrics, "timestamp": time.time()})
 
     def _write_summary(self, result: TrainResult) -> None:
-        c, workers = self.config, self.launch.workers
-        tokens_per_step = c.micro_batch * c.seq_len * workers * c.grad_accum_steps(workers)
         hellaswag = None
         if self.hellaswag_metrics:
             hellaswag = {name.removeprefix("hellaswag_"): value for name, value in self.hellaswag_metrics.items()}
             hellaswag["data"] = self.launch.hellaswag["file"] or "HellaSwag validation set"
-        cost = self.progress.cost()
-        summary = {
-            "run": self.launch.run_dir, "steps": result.steps, "tokens_seen": result.steps * tokens_per_step,
-            "train_loss": result.train_loss, "val_loss": result.val_loss, "hellaswag": hellaswag,
-            "elapsed_s": round(self.progress.elapsed(), 1),
-            "estimated_cost_usd": None if cost is None else round(cost, 4),
-            "usd_per_worker_hour": self.launch.usd_per_worker_hour, "workers": workers,
-            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-        }
-        path = write_summary(Path(c.output_dir) / "summary.json", summary)
+        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        summary = {"run": self.launch.run_dir, **self.progress.summary(
+            result.steps, self.config.tokens_per_step(self.launch.workers), device),
+            "train_loss": result.train_loss, "val_loss": result.val_loss, "hellaswag": hellaswag}
+        path = Path(self.config.output_dir) / "summary.json"
+        write_json(path, summary)
         print(f"wrote {path if not self.launch.remote else self.launch.run_dir + '/summary.json'}", flush=True)
-
-    def _report_due(self) -> bool:
-        """Ray Train's controller takes one report per health check (2 s) and a report blocks until the
-        previous one is taken, so reports go by time, not steps. Rank 0's clock decides for every rank:
-        ray.train.report is a barrier that all ranks must reach equally often."""
-        due = torch.tensor([time.monotonic() - self.last_report >= self.launch.report_interval], dtype=torch.uint8,
-                           device=self.device)
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.broadcast(due, src=0)
-        return bool(due.item())
-
-    def _report(self, metrics: dict[str, Any], **checkpoint: Any) -> None:
-        self.ray_train.report(metrics, **checkpoint)
-        self.last_report = time.monotonic()
-
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        """Every rank reports (ray.train.report is a barrier); rank 0, which wrote the directory, attaches it."""
-        from ray.train import Checkpoint, CheckpointUploadMode
-
-        self.steps_done = step
-        metrics = {"step": step, "timestamp": time.time()}
-        if self.hellaswag:  # before Ray registers it: registering may prune a checkpoint an eval still needs
-            every = self.config.val_every
-            self.hellaswag.on_checkpoint(step, path, (every > 0 and step % every == 0) or step == self.total_steps)
-        if self.rank != 0:
-            self._report(metrics, checkpoint_dir_name=path.name)
-        elif not self.launch.remote:  # written in place in the run directory: register it, copy nothing
-            self._report(metrics, checkpoint=Checkpoint.from_directory(str(path)), checkpoint_dir_name=path.name,
-                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
-        else:
-            self._report(metrics, checkpoint=Checkpoint.from_directory(str(path)), checkpoint_dir_name=path.name,
-                         delete_local_checkpoint_after_upload=True)
-            self._upload("main.log")
-
-    def _upload(self, name: str) -> None:
-        import pyarrow.fs
-
-        filesystem, path = _storage(self.launch.run_dir)
-        pyarrow.fs.copy_files(os.path.join(self.staging, name), f"{path}/{name}", destination_filesystem=filesystem)
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -337,6 +341,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     config = TrainConfig(**loop_config["train"])
     failures = loop_config["failures"]
     rank = ray.train.get_context().get_world_rank()
+    quiet_ray_train_console()
     recorded = ray.get(failures.first.remote())
     if recorded:  # Ray restarted us after an error that would only happen again
         raise FatalTrainingError(recorded)
@@ -346,25 +351,24 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         config.device = "cpu"
         torch.set_num_threads(max(1, round(launch.cpus_per_worker)))
     staging = None
-    if launch.remote:  # the engine writes locally; _Reporter uploads
+    if launch.remote:  # the engine writes locally; _RayReports uploads
         staging = os.path.join(tempfile.gettempdir(), "raygpt2", launch.run_name)
         config.output_dir = staging
-    reporter = _Reporter(launch, config, rank, torch.device(config.device), staging)
+    hooks = None
     with ExitStack() as stack:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:  # a restart, or -y 1 finding an earlier fit's checkpoints
             config.resume_from = stack.enter_context(checkpoint.as_directory())
         try:
-            result = train(config, TrainHooks(on_step=reporter.on_step, on_checkpoint=reporter.on_checkpoint))
-        except FatalTrainingError as err:
-            ray.get(failures.record.remote(str(err)))
-            raise
+            hooks = _WorkerHooks(launch, config, rank, torch.device(config.device), staging)
+            result = train(config, TrainHooks(on_step=hooks.on_step, on_checkpoint=hooks.on_checkpoint))
         except DETERMINISTIC_ERRORS as err:
-            where = "setup" if reporter.steps_done is None else f"step {reporter.steps_done + 1}"
-            message = f"rank {rank}, {where}: {type(err).__name__}: {err}"
+            steps_done = hooks.steps_done if hooks else None
+            step = err.step if isinstance(err, TrainingDiverged) else None if steps_done is None else steps_done + 1
+            message = f"rank {rank}, {'setup' if step is None else f'step {step}'}: {err}"
             ray.get(failures.record.remote(message))
             raise FatalTrainingError(message) from err
-        reporter.finish(result)
+        hooks.finish(result)
 
 
 def _resources(args: argparse.Namespace, cluster: dict[str, float]) -> tuple[bool, float]:
@@ -381,6 +385,24 @@ def _resources(args: argparse.Namespace, cluster: dict[str, float]) -> tuple[boo
     return use_gpu, max(1, int(cpus) // args.workers)
 
 
+def _check_capacity(workers: int, use_gpu: bool, cpus: float, fixed_size: bool) -> None:
+    """Ray waits forever for resources no node has. A cluster this process started (or joined in-process) has
+    no autoscaler, so a worker group that does not fit is an error now; on a cluster that can grow it is a
+    note, and the group starts when nodes come."""
+    import ray
+
+    need = {"CPU": cpus, **({"GPU": 1.0} if use_gpu else {})}
+    fits = sum(min(int(node["Resources"].get(name, 0.0) // amount) for name, amount in need.items() if amount > 0)
+               for node in ray.nodes() if node["Alive"])
+    if fits >= workers:
+        return
+    what = " + ".join(f"{amount:g} {name}" for name, amount in need.items())
+    message = f"--workers {workers} x ({what}) per worker: the cluster's nodes hold {fits} such worker(s) now"
+    if fixed_size:
+        raise ConfigError(f"{message}; lower --workers or --cpus-per-worker, or join a larger cluster (--address)")
+    print(f"note: {message}; Ray Train waits until the autoscaler adds nodes", flush=True)
+
+
 def launch_run(args: argparse.Namespace, callbacks: list | None = None) -> None:
     """Run the training as configured on the connected Ray cluster (`callbacks`: ray.train.UserCallback
     instances, e.g. a benchmark's); raises FatalTrainingError or Ray's TrainingFailedError."""
@@ -390,6 +412,7 @@ def launch_run(args: argparse.Namespace, callbacks: list | None = None) -> None:
 
     config, run_dir = plan(args)
     use_gpu, cpus = _resources(args, ray.cluster_resources())
+    _check_capacity(args.workers, use_gpu, cpus, fixed_size=args.address is None and "RAY_ADDRESS" not in os.environ)
     remote = _is_uri(run_dir)
     run_name = run_dir.rsplit("/", 1)[-1]
     storage_path = run_dir.rsplit("/", 1)[0] or "/"
@@ -409,6 +432,9 @@ def launch_run(args: argparse.Namespace, callbacks: list | None = None) -> None:
     if not remote:
         config.output_dir = run_dir
     failures = ray.remote(num_cpus=0)(_FailureLog).remote()
+    # Ray Train's state API (the dashboard's /api/train/v2/runs/v1: the run, its attempts and workers) is off
+    # unless the driver that calls fit() has this set; Ray passes it on to its controller. An explicit 0 wins.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"train": asdict(config), "launch": asdict(launch), "failures": failures},
@@ -419,10 +445,10 @@ def launch_run(args: argparse.Namespace, callbacks: list | None = None) -> None:
                              failure_config=FailureConfig(max_failures=args.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=keep), callbacks=callbacks,
                              # Console as the engine prints it: Ray Train's print patch would log every
-                             # print a second time. Of its own logs only warnings and errors show, except
-                             # one line per report that Ray 2.60 logs under a file path, not `ray.train`.
+                             # print a second time. Of its own logs only warnings and errors show (the
+                             # workers' quiet_ray_train_console covers the lines `ray.train` does not).
                              worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
-                             logging_config=LoggingConfig(log_level="WARNING")),
+                             logging_config=LoggingConfig(log_level=RAY_TRAIN_CONSOLE_LEVEL)),
     )
     try:
         trainer.fit()
@@ -439,9 +465,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_run_parser().parse_args(argv)
     try:  # flag errors before any cluster starts
         config, run_dir = plan(args)
+        if args.hellaswag and args.hellaswag_file:
+            load_examples(args.hellaswag_file)  # a malformed file fails here, not in every restarted worker
         if not _is_uri(run_dir):
             claim_output_dir(run_dir, bool(config.resume or config.resume_from), config.overwrite)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, HellaSwagFormatError) as err:
         print(f"run.py: error: {err}", file=sys.stderr)
         return 2
     connect(args.address)
@@ -449,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         launch_run(args)
+    except ConfigError as err:
+        print(f"run.py: error: {err}", file=sys.stderr)
+        return 2
     except FatalTrainingError as err:
         print(f"run.py: error: {err}", file=sys.stderr)
         return 1

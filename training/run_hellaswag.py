@@ -11,16 +11,15 @@ main.log (`s:%d eval:%f`, in step order however late it arrives), the console, t
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from evals.hellaswag_data import load_examples
-from evals.models import load_gpt
 from evals.parallel import ConcurrentEvals, EvalHandle, prepare, spare_resources
 from evals.scoring import evaluate
+from gpt2.interop import load_gpt
 
 Result = dict[str, float | int]
 
@@ -51,7 +50,6 @@ class HellaSwagBesideTraining:
         self.handles: dict[int, EvalHandle] = {}
         self.registered: list[int] = []  # checkpoint steps in the order Ray registers them
         self.steps_done = 0
-        self.step_clock: list[tuple[int, float]] = []  # (steps done, time.time()) at each poll while evals run
         self.noted_in_loop = False
 
     def on_checkpoint(self, step: int, path: Path, eval_due: bool) -> None:
@@ -85,7 +83,6 @@ class HellaSwagBesideTraining:
         """Record finished evals; never blocks."""
         self.steps_done = steps_done
         if self.evals.in_flight:
-            self.step_clock.append((steps_done, time.time()))
             self._collect(self.evals.poll)
 
     def drain(self) -> None:
@@ -106,11 +103,7 @@ class HellaSwagBesideTraining:
         record = {"step": step, **result, "mode": "ray tasks" if handle else "in-loop",
                   "collected_at": time.time(), "steps_done_at_collection": self.steps_done}
         if handle:
-            started, ended = min(s for s, _ in handle.task_spans), max(e for _, e in handle.task_spans)
-            record.update(submitted_at=handle.submitted_at, task_spans=handle.task_spans,
-                          train_steps_during_tasks=sum(started <= t <= ended for _, t in self.step_clock))
-            oldest = min((h.submitted_at for h in self.handles.values()), default=math.inf)
-            self.step_clock = [(n, t) for n, t in self.step_clock if t >= oldest]
+            record.update(submitted_at=handle.submitted_at, task_spans=handle.task_spans)
         with open(self.records, "a") as f:
             f.write(json.dumps(record) + "\n")
         self.on_result(step, result)

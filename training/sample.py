@@ -8,7 +8,6 @@ weights, not on the device or on how much of the global RNG training has consume
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,16 +16,17 @@ if __name__ == "__main__":  # run as a script: make the repo root importable ins
 
 import torch
 
+from gpt2.interop import load_gpt, resolve_model_source
+from gpt2.model import GPT, autocast_for, pick_device
+from pipelines import cli
 from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
-from training.checkpoint import CheckpointError, list_checkpoints, load_model
-from training.export import LlmcFormatError
-from training.model import GPT, autocast_for
 
 
 @torch.no_grad()
 def generate(model: GPT, prompt: list[int], new_tokens: int, generator: torch.Generator,
              temperature: float = 1.0) -> list[int]:
-    """Extend `prompt` by `new_tokens` tokens sampled from the model's softmax."""
+    """Extend `prompt` by `new_tokens` tokens sampled from the model's softmax (temperature 0: the most likely
+    token each time)."""
     device = next(model.parameters()).device
     tokens = list(prompt)
     was_training = model.training
@@ -35,36 +35,43 @@ def generate(model: GPT, prompt: list[int], new_tokens: int, generator: torch.Ge
         context = torch.tensor([tokens[-model.config.block_size:]], device=device)
         with autocast_for(device):
             logits = model(context)[0, -1]
+        if temperature == 0:
+            tokens.append(int(logits.argmax()))
+            continue
         probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
         tokens.append(int(torch.multinomial(probs, 1, generator=generator)))
     model.train(was_training)
     return tokens
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Sample from a training checkpoint")
-    parser.add_argument("checkpoint", help="checkpoint directory, or an output dir (its latest checkpoint)")
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.ArgumentParser(description="Sample from a checkpoint (or an llm.c / Hugging Face GPT-2)")
+    parser.add_argument("checkpoint", help="checkpoint dir, run dir (its latest checkpoint), llm.c .bin or HF dir")
     parser.add_argument("-g", "--gen-tokens", type=int, default=64, help="tokens to generate")
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--prompt", default=None, help="text prompt (default: <|endoftext|>)")
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy")
     parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     args = parser.parse_args(argv)
-    path = Path(args.checkpoint)
-    if not (path / "state.json").exists() and list_checkpoints(path):
-        path = list_checkpoints(path)[-1]
+    if not args.temperature >= 0 or args.temperature == float("inf"):
+        parser.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.gen_tokens < 1 or args.num_samples < 1:
+        parser.error("-g and --num-samples must be at least 1")
     try:
-        model = load_model(path, args.device)
-    except (CheckpointError, LlmcFormatError) as err:
-        raise SystemExit(f"error: {err}") from err
+        path = resolve_model_source(args.checkpoint)
+        model = load_gpt(path, pick_device(args.device))
+    except ValueError as err:  # ModelSourceError, or a --device this machine does not have
+        print(f"sample.py: error: {err}", file=sys.stderr)
+        return 2
     encoding = gpt2_encoding()
     prompt = encoding.encode(args.prompt) if args.prompt else [EOT_TOKEN]
     generator = torch.Generator().manual_seed(args.seed)
     for i in range(args.num_samples):
         tokens = generate(model, prompt, args.gen_tokens, generator, args.temperature)
         print(f"--- sample {i} ({path.name}) ---\n{encoding.decode(tokens)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,7 +12,6 @@ of `-d` tokens. Checkpoint `ckpt_S` holds the state after S steps, written befor
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -29,9 +28,7 @@ import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from pipelines.shards import ShardFormatError
-from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
-from training.checkpoint import (
+from gpt2.checkpoint import (
     CheckpointError,
     claim_output_dir,
     list_checkpoints,
@@ -41,11 +38,14 @@ from training.checkpoint import (
     read_state,
     save_checkpoint,
 )
+from gpt2.interop import LlmcFormatError, read_llmc
+from gpt2.mainlog import MainLog
+from gpt2.model import GPT, GPTConfig, autocast_for, pick_device
+from pipelines.shards import ShardFormatError
+from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
 from training.config import RUN_DEFINING, ConfigError, TrainConfig, parse_args
 from training.data import ShardLoader
-from training.export import LlmcFormatError, read_llmc
-from training.metrics import MainLog, flops_per_token, mfu, peak_flops, step_line
-from training.model import GPT, GPTConfig, autocast_for
+from training.metrics import flops_per_token, mfu, peak_flops, step_line
 from training.outliers import OutlierDetector
 from training.sample import generate
 from training.schedule import learning_rate
@@ -63,6 +63,15 @@ class TrainHooks:
     on_checkpoint: Callable[[int, Path], None] | None = None
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the run stops before that step's update and before any checkpoint
+    could hold the damage. `step` is the 1-based step, as the console numbers them."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -75,15 +84,6 @@ def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _pick_device(spec: str) -> torch.device:
-    if spec != "auto":
-        return torch.device(spec)
-    if torch.cuda.is_available():
-        local_rank = os.environ.get("LOCAL_RANK")
-        return torch.device("cuda", int(local_rank) if local_rank else torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _build_model(config: TrainConfig) -> GPT:
@@ -129,23 +129,27 @@ class _Run:
         self.rank, self.world = _rank_and_world()
         self.distributed = dist.is_available() and dist.is_initialized()
         self.master = self.rank == 0
-        self.device = _pick_device(config.device)
+        try:
+            self.device = pick_device(config.device)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.set_float32_matmul_precision("high" if config.tf32 else "highest")
         self.accum = config.grad_accum_steps(self.world)
+        self.model = _build_model(config)
+        if config.seq_len > self.model.config.block_size:
+            raise ConfigError(f"-t {config.seq_len} exceeds the model's context of {self.model.config.block_size}")
+        vocab = self.model.config.vocab_size
         self.train_loader = ShardLoader(config.train_data, "-i", config.micro_batch, config.seq_len,
-                                        self.rank, self.world, config.seed, shuffle=True)
+                                        self.rank, self.world, config.seed, shuffle=True, vocab_size=vocab)
         self.val_loader = (ShardLoader(config.val_data, "-j", config.micro_batch, config.seq_len,
-                                       self.rank, self.world, config.seed, shuffle=False)
+                                       self.rank, self.world, config.seed, shuffle=False, vocab_size=vocab)
                            if config.val_data else None)
         self.steps = config.max_steps if config.max_steps != -1 else self.train_loader.batches_per_epoch // self.accum
         if self.steps < 1:
             raise ConfigError(f"-x -1: one epoch of -i holds {self.train_loader.batches_per_epoch} micro-batches, "
                               f"fewer than one step of -d {config.total_batch_tokens} tokens")
-        self.model = _build_model(config)
-        if config.seq_len > self.model.config.block_size:
-            raise ConfigError(f"-t {config.seq_len} exceeds the model's context of {self.model.config.block_size}")
         self.sharded = config.zero_stage == 1 and self.distributed
         if config.zero_stage == 1 and not self.distributed:
             _log(self.master, "-z 1: torch.distributed is not initialised, so there is nothing to shard across")
@@ -281,6 +285,9 @@ class _Run:
                 (loss / self.accum).backward()
             loss_sum += loss.detach()
         loss = _mean_over_ranks(loss_sum, self.world) / self.accum
+        if not math.isfinite(loss):  # every rank holds the same mean, so every rank stops here
+            raise TrainingDiverged(step + 1, f"loss is {loss}; the update was not applied and no checkpoint "
+                                             "was written after the last good one")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP).item()
         zloss, zgrad = self.loss_outliers.update(loss), self.grad_outliers.update(norm)
         c = self.config
@@ -318,6 +325,8 @@ class _Run:
                 metrics: dict[str, Any] = {"step": step}
                 if self.val_loader and fresh and ((c.val_every > 0 and step % c.val_every == 0) or last):
                     val_loss = metrics["val_loss"] = self._validate()
+                    if not math.isfinite(val_loss):
+                        raise TrainingDiverged(step, f"val loss is {val_loss}; no checkpoint was written for it")
                     _log(self.master, f"val loss {val_loss:.6f}")
                     if self.main_log:
                         self.main_log.val(step, val_loss)
@@ -350,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, ShardFormatError, LlmcFormatError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"error: step {err.step}: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

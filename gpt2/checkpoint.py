@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from training.model import GPT, GPTConfig
+from gpt2.model import GPT, GPTConfig
+from pipelines.files import atomic_write, fsync_dir
 
 FORMAT = "raygpt2-checkpoint"
 VERSION = 1
@@ -33,14 +34,6 @@ def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
     return Path(output_dir) / f"ckpt_{step:08d}"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(output_dir: str | os.PathLike, step: int, parts: dict[str, Any], state: dict[str, Any]) -> Path:
     """Write `parts` (one object per name in PARTS) and `state` as checkpoint `step`; returns its directory."""
     final = checkpoint_dir(output_dir, step)
@@ -48,12 +41,12 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, parts: dict[str, A
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     for name in PARTS:
-        torch.save(parts[name], partial / name)
-        _fsync(partial / name)
+        with atomic_write(partial / name) as f:
+            torch.save(parts[name], f)
     sizes = {name: (partial / name).stat().st_size for name in PARTS}
     record = {"format": FORMAT, "version": VERSION, "step": step, "sizes": sizes, **state}
-    (partial / "state.json").write_text(json.dumps(record, indent=1))
-    _fsync(partial / "state.json")
+    with atomic_write(partial / "state.json", "w") as f:
+        json.dump(record, f, indent=1)
     if final.exists():  # rewritten after a resume: swap the old one out, never leave neither in place
         stale = final.with_name(f".{final.name}.old-{os.getpid()}")
         final.rename(stale)
@@ -61,7 +54,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, parts: dict[str, A
         shutil.rmtree(stale)
     else:
         partial.rename(final)
-    _fsync(final.parent)
+    fsync_dir(final.parent)
     return final
 
 
@@ -137,16 +130,17 @@ def load_part(path: str | os.PathLike, name: str, device: torch.device | str = "
 
 
 def model_config(state: dict[str, Any]) -> GPTConfig:
-    return GPTConfig(**state["model_config"])
+    try:
+        return GPTConfig(**state["model_config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"state.json: model_config {state.get('model_config')!r} is not a GPT-2 ({err})") from err
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> GPT:
     """Rebuild the model stored in checkpoint directory `path` from the checkpoint alone."""
     state = read_state(path)
-    model = GPT(model_config(state))
-    weights = load_part(path, "model.pt")
     try:
-        model.load_state_dict(weights)
+        model = GPT.from_weights(model_config(state), load_part(path, "model.pt"))
     except RuntimeError as err:
         raise CheckpointError(f"{Path(path) / 'model.pt'}: does not match its state.json config ({err})") from err
     return model.to(device)

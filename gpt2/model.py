@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 from dataclasses import asdict, dataclass
 
@@ -41,21 +42,50 @@ class GPTConfig:
     vocab_size: int = GPT2_VOCAB
     padded_vocab_size: int = PADDED_VOCAB
 
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"{self.n_embd} channels do not split into {self.n_head} heads "
+                             "(channels must be a multiple of heads)")
+        if self.padded_vocab_size < self.vocab_size:
+            raise ValueError(f"padded vocab {self.padded_vocab_size} is smaller than the vocab {self.vocab_size}")
+
     @classmethod
     def from_descriptor(cls, descriptor: str) -> GPTConfig:
         """`d12`-style llm.c presets or an explicit `L2H2C64` (layers, heads, channels)."""
         if descriptor in PRESETS:
-            n_layer, n_head, n_embd = PRESETS[descriptor]
-        elif match := _EXPLICIT.match(descriptor):
-            n_layer, n_head, n_embd = (int(g) for g in match.groups())
-        else:
+            return cls(*PRESETS[descriptor])
+        if not (match := _EXPLICIT.match(descriptor)):
             raise ValueError(f"-e {descriptor!r}: expected one of {', '.join(PRESETS)} or LxHyCz like L2H2C64")
-        if n_layer <= 0 or n_head <= 0 or n_embd % n_head:
-            raise ValueError(f"-e {descriptor!r}: channels must be a positive multiple of heads")
-        return cls(n_layer, n_head, n_embd)
+        try:
+            return cls(*(int(g) for g in match.groups()))
+        except ValueError as err:
+            raise ValueError(f"-e {descriptor!r}: {err}") from err
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+def pick_device(spec: str = "auto") -> torch.device:
+    """A --device flag as a device: auto = this rank's GPU if there is one (LOCAL_RANK, else the current
+    one), else the CPU; a bare `cuda` gets the same index. ValueError names the flag when it cannot be."""
+    try:
+        device = torch.device("cuda" if spec == "auto" and torch.cuda.is_available() else
+                              "cpu" if spec == "auto" else spec)
+    except RuntimeError as err:
+        raise ValueError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from err
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: no CUDA device is available here")
+    if device.index is None:
+        local_rank = os.environ.get("LOCAL_RANK")
+        device = torch.device("cuda", int(local_rank) if local_rank else torch.cuda.current_device())
+    if device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
@@ -213,15 +243,18 @@ class Block(nn.Module):
             return linear(F.gelu(h, approximate="tanh"))
         return _GeluLinear.apply(h, linear.weight.to(h.dtype), linear.bias.to(h.dtype))
 
-    def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
+    def _attention(self, qkv: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         batch, seq, three_c = qkv.shape
         head_dim = three_c // (3 * self.n_head)
         q, k, v = qkv.view(batch, seq, 3, self.n_head, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if attention_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         return y.transpose(1, 2).reshape(batch, seq, three_c // 3)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn_proj(self._attention(self._norm_linear(x, self.ln_1, self.c_attn)))
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn_proj(self._attention(self._norm_linear(x, self.ln_1, self.c_attn), attention_mask))
         return x + self._gelu_linear(self._norm_linear(x, self.ln_2, self.c_fc), self.mlp_proj)
 
 
@@ -257,6 +290,14 @@ class GPT(nn.Module):
                     param.zero_()
             self.wte.weight[self.config.vocab_size:].zero_()
 
+    @classmethod
+    def from_weights(cls, config: GPTConfig, weights: dict[str, torch.Tensor], recompute: int = 0) -> GPT:
+        """The model holding `weights`, built on the meta device so no random init is spent on it."""
+        with torch.device("meta"):
+            model = cls(config, recompute)
+        model.load_state_dict(weights, assign=True)
+        return model
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -265,11 +306,16 @@ class GPT(nn.Module):
         for block in self.h:
             block.compile()
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(idx.shape[1], device=idx.device)
+    def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final LayerNorm's output. By default position t attends to 0..t; packed layouts (several
+        sequences sharing a prefix, as the HellaSwag scorer uses) pass their own position ids and a boolean
+        mask (B, 1, T, T), True where a query may attend to a key."""
+        if positions is None:
+            positions = torch.arange(idx.shape[1], device=idx.device)
         x = self.wte(idx) + self.wpe(positions)
         for block in self.h:
-            x = block(x)
+            x = block(x, attention_mask)
         return self.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:

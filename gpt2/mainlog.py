@@ -1,0 +1,93 @@
+"""llm.c's `main.log`: the one module that writes, trims and reads it.
+
+Lines are llm.c's: `s:%d trl:%f lr:%e norm:%f` (train loss, after step s's update), `s:%d tel:%f` (val loss
+at step s) and `s:%d eval:%f` (HellaSwag acc_norm of the checkpoint at step s). llm.c's dev/vislog notebook
+reads the file line by line and plots each stream in file order, so every stream is written in step order,
+HellaSwag results included, however late an eval finishes. Lines are only ever appended, whole, one write
+each: the training loop and the eval collector append to the same file independently.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+
+_LINE = re.compile(r"^s:(\d+) (trl|tel|eval):([-+0-9.eEnaif]+)")
+STREAMS = ("trl", "tel", "eval")
+
+
+def trim(path: Path, resume_step: int) -> None:
+    """Keep what a run resumed at `resume_step` will not write again: train lines of steps before it (step S's
+    update came after checkpoint S) and val / eval lines up to it."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if (match := _LINE.match(line)) and int(match[1]) < resume_step + (match[2] != "trl")]
+    path.write_text("".join(kept))
+
+
+class MainLog:
+    """The training loop's writer: a fresh run starts the file empty, a resumed one trims it first."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            path.write_text("")
+        else:
+            trim(path, resume_step)
+        self.file = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the run
+
+    def train(self, step: int, loss: float, lr: float, norm: float) -> None:
+        self.file.write(f"s:{step} trl:{loss:.6f} lr:{lr:.6e} norm:{norm:.4f}\n")
+
+    def val(self, step: int, loss: float) -> None:
+        self.file.write(f"s:{step} tel:{loss:.6f}\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class EvalLog:
+    """HellaSwag lines in step order: holds each result until every earlier expected step has its line (or
+    was given up), then appends."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._pending: set[int] = set()
+        self._finished: dict[int, float | None] = {}
+
+    def expect(self, step: int) -> None:
+        """An eval for `step` is under way: later steps' lines wait for it."""
+        self._pending.add(step)
+
+    def record(self, step: int, acc_norm: float) -> list[int]:
+        """Store `step`'s result; returns the steps whose lines were written now."""
+        return self._resolve(step, acc_norm)
+
+    def give_up(self, step: int) -> list[int]:
+        """`step`'s eval failed or was skipped: write no line for it and stop holding later steps back."""
+        return self._resolve(step, None)
+
+    def _resolve(self, step: int, value: float | None) -> list[int]:
+        self._pending.discard(step)
+        self._finished[step] = value
+        first_waiting = min(self._pending, default=None)
+        ready = sorted(s for s in self._finished if first_waiting is None or s < first_waiting)
+        values = {s: self._finished.pop(s) for s in ready}
+        written = [s for s in ready if values[s] is not None]
+        if written:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write("".join(f"s:{s} eval:{values[s]:.6f}\n" for s in written))
+        return written
+
+
+def read(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """{'trl': [(step, value)], 'tel': [...], 'eval': [...]} in step order; a later line for a step wins."""
+    series: dict[str, dict[int, float]] = defaultdict(dict)
+    for line in path.read_text().splitlines():
+        if match := _LINE.match(line):
+            series[match[2]][int(match[1])] = float(match[3])
+    return {kind: sorted(series[kind].items()) for kind in STREAMS}
