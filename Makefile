@@ -2,11 +2,24 @@
 PYTHON ?= python3
 OUT ?= out/demo
 
-.PHONY: install demo test lint
+.PHONY: install system-deps demo test lint
+# apt as root, or through sudo otherwise; no prompts.
+APT_GET := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get -y -qq
 
 install:
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -e '.[test]'
+
+# System packages the tests need: Debian's prometheus (tests/test_monitoring.py scrapes a run with a real one).
+# Nothing to do once it is on PATH; apt's chatter is shown only if the install fails. A fresh container has no
+# package lists yet, hence the `apt-get update` on the second try.
+system-deps:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  log=$$(mktemp); \
+	  { $(APT_GET) install --no-install-recommends prometheus || \
+	    { $(APT_GET) update && $(APT_GET) install --no-install-recommends prometheus; }; } >$$log 2>&1 </dev/null \
+	    || { cat $$log; rm -f $$log; exit 1; }; \
+	  rm -f $$log; echo "installed prometheus (Debian package) for the tests"; }
 
 demo: install
 	$(PYTHON) demo.py --out $(OUT)
@@ -14,5 +27,5 @@ demo: install
 lint:
 	$(PYTHON) -m ruff check .
 
-test: install lint
+test: install system-deps lint
 	$(PYTHON) -m pytest -q

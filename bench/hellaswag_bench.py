@@ -3,7 +3,9 @@
 Same random model, same synthetic examples (HellaSwag-like lengths: context 20-80 tokens, endings 10-35),
 same run. The Ray cluster start and the one-off upload of the batch plan are timed but left out of the
 ratio; the eval itself is timed from launch to aggregated result, twice: cold (fresh worker processes
-and model load) and warm.
+and model load) and warm. Last, run.py -h 1's cost model predicts the same eval's seconds (FLOPs of the
+batch plan over the device's peak at a stated efficiency; on CPU the peak is a measured matmul rate), and
+the measured warm time is printed against it.
 
     python bench/hellaswag_bench.py --model d6 --examples 150 --tasks 2
     python bench/hellaswag_bench.py --model d12 --examples 1000 --device cuda --tasks 0   # GPU, no Ray
@@ -25,10 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from evals.hellaswag_data import Example
-from evals.scoring import evaluate
+from evals.scoring import default_batch_tokens, evaluate, forward_flops, plan_batches
 from gpt2.checkpoint import save_checkpoint
 from gpt2.interop import load_gpt
 from gpt2.model import GPT, GPTConfig, autocast_for
+from training.metrics import peak_flops
+from training.run_hellaswag import EVAL_EFFICIENCY, HellaSwagSettings, cpu_flops_per_second, predicted_seconds
 
 
 def synthetic_examples(count: int, seed: int) -> list[Example]:
@@ -124,6 +128,23 @@ def main(argv: list[str] | None = None) -> None:
     same = counts(ours) == baseline
     print(f"same predictions' counts: {same} (ours {counts(ours)}, loop {baseline})")
     print(f"speedup (warm): {baseline_seconds / timings[-1][1]:.1f}x")
+
+    gpu = args.tasks == 0 and device.type == "cuda" or args.gpus_per_task > 0
+    flops = forward_flops(model.config, plan_batches(examples, args.batch_tokens or default_batch_tokens(
+        "cuda" if gpu else "cpu")))
+    if gpu:
+        peak = peak_flops(torch.cuda.get_device_name() if torch.cuda.is_available() else None, bf16=True)
+    else:
+        peak = cpu_flops_per_second(max(1, int(args.cpus_per_task)) if args.tasks else torch.get_num_threads())
+    if peak is None:
+        print("cost model: no peak FLOP/s known for this device")
+        return
+    settings = HellaSwagSettings(None, "tasks" if args.tasks else "ranks", args.tasks, args.cpus_per_task,
+                                 args.gpus_per_task)
+    predicted = predicted_seconds(flops, settings, peak, workers=1)
+    print(f"cost model: {flops / 1e12:.3g} TFLOP, peak {peak / 1e9:.1f} GFLOP/s per device x "
+          f"{EVAL_EFFICIENCY:.0%} -> predicted {predicted:.2f} s; measured (warm) {timings[-1][1]:.2f} s; "
+          f"measured / predicted {timings[-1][1] / predicted:.2f}")
 
 
 if __name__ == "__main__":

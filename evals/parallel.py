@@ -2,7 +2,9 @@
 
 The batch plan is made once, in the driver, and dealt round-robin into K groups, so each example is
 scored in the same batch whatever K is: the result is identical for any K. Each group is put in the
-object store once (`EvalSet`), so a training loop launching an eval per checkpoint only submits tasks.
+object store once (`EvalSet`), so a training loop launching an eval per -v step only submits tasks.
+A model reaches the tasks as a path (a checkpoint, run directory, llm.c or Hugging Face file) or as a
+`WeightsSnapshot`: its weights in the object store, which any node can read and nothing has to delete.
 Ray is imported inside the functions: the scorer must stay importable where Ray is not installed.
 """
 
@@ -14,24 +16,52 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from evals.hellaswag_data import Example, load_examples
 from evals.scoring import Batch, Scores, default_batch_tokens, plan_batches, score_batches, summarize
 from gpt2.interop import load_gpt, resolve_model_source
 from gpt2.mainlog import EvalLog
+from gpt2.model import GPT, GPTConfig
 
 DEFAULT_TASKS = 2
 # Fractional by default: K eval tasks fit beside a training job on a small machine instead of waiting
 # for whole CPUs (shared/notes: whole-CPU actors stalled a 2-CPU cluster).
 DEFAULT_CPUS_PER_TASK = 0.5
+Result = dict[str, float | int]
 
 
-def _score_group(checkpoint: str, batches: list[Batch], use_gpu: bool, threads: int) -> tuple[Scores, float, float]:
+@dataclass(frozen=True)
+class WeightsSnapshot:
+    """A model's weights in Ray's object store (bf16 from a GPU run, fp32 from a CPU one)."""
+
+    config: dict[str, int]
+    weights: Any  # ObjectRef of {name: tensor}
+
+    @classmethod
+    def of(cls, model: GPT, dtype: torch.dtype) -> WeightsSnapshot:
+        import ray
+
+        weights = {name: tensor.detach().to("cpu", dtype) for name, tensor in model.state_dict().items()}
+        return cls(model.config.to_dict(), ray.put(weights))
+
+    def load(self, device: str) -> GPT:
+        import ray
+
+        weights = {name: tensor.float() for name, tensor in ray.get(self.weights).items()}
+        return GPT.from_weights(GPTConfig(**self.config), weights).to(device).eval()
+
+
+ModelSource = str | os.PathLike | WeightsSnapshot
+
+
+def _score_group(source: ModelSource, batches: list[Batch], use_gpu: bool,
+                 threads: int) -> tuple[Scores, float, float]:
     """One Ray task: load the model, score its batches; returns the scores and the task's wall-clock span."""
-    import torch
-
     started = time.time()
     torch.set_num_threads(threads)
-    model = load_gpt(checkpoint, "cuda" if use_gpu else "cpu")
+    device = "cuda" if use_gpu else "cpu"
+    model = source.load(device) if isinstance(source, WeightsSnapshot) else load_gpt(source, device)
     return score_batches(model, batches), started, time.time()
 
 
@@ -51,21 +81,19 @@ def prepare(examples: Sequence[Example] | str | os.PathLike, tasks: int = DEFAUL
         raise ValueError(f"--tasks must be at least 1, got {tasks}")
     if isinstance(examples, (str, os.PathLike)):
         examples = load_examples(examples)
-    batch_tokens = batch_tokens or default_batch_tokens("cuda" if gpu else "cpu")
-    batches = plan_batches(examples, batch_tokens)
+    batches = plan_batches(examples, batch_tokens or default_batch_tokens("cuda" if gpu else "cpu"))
     groups = [batches[k::tasks] for k in range(min(tasks, len(batches)))]
     return EvalSet([ray.put(group) for group in groups])
 
 
 @dataclass
 class EvalHandle:
-    """Ray tasks scoring one checkpoint; `ready()` never blocks, `result()` waits and aggregates."""
+    """Ray tasks scoring one model; `ready()` never blocks, `result()` waits and aggregates."""
 
-    checkpoint: str
     refs: list[Any]
     submitted_at: float
     task_spans: list[tuple[float, float]] = field(default_factory=list)  # (start, end) per task, once done
-    _result: dict[str, float | int] | None = None
+    _result: Result | None = None
 
     def ready(self) -> bool:
         import ray
@@ -73,7 +101,7 @@ class EvalHandle:
         done, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
         return len(done) == len(self.refs)
 
-    def result(self, timeout: float | None = None) -> dict[str, float | int]:
+    def result(self, timeout: float | None = None) -> Result:
         """acc, acc_norm, num_correct, num_correct_norm, num_total; raises TimeoutError (Ray's GetTimeoutError)
         if not done within `timeout` seconds, or the task's error if one failed."""
         import ray
@@ -84,95 +112,107 @@ class EvalHandle:
             self._result = summarize(Scores.concatenate(scores for scores, _, _ in outputs))
         return self._result
 
+    def cancel(self) -> None:
+        import ray
 
-def launch(checkpoint: str | os.PathLike, examples: EvalSet | Sequence[Example] | str | os.PathLike,
+        for ref in self.refs:
+            ray.cancel(ref)
+
+
+def launch(source: ModelSource, examples: EvalSet | Sequence[Example] | str | os.PathLike,
            tasks: int = DEFAULT_TASKS, num_cpus: float = DEFAULT_CPUS_PER_TASK, num_gpus: float = 0.0,
            batch_tokens: int | None = None) -> EvalHandle:
-    """Submit Ray tasks scoring `checkpoint` and return at once. Pass an `EvalSet` from `prepare` to reuse one
-    plan across checkpoints (then `tasks`/`batch_tokens` are the EvalSet's). The checkpoint path must stay
-    readable by the workers until the tasks have started (do not prune it while an eval is queued)."""
+    """Submit Ray tasks scoring `source` and return at once. Pass an `EvalSet` from `prepare` to reuse one
+    plan across models (then `tasks`/`batch_tokens` are the EvalSet's)."""
     import ray
 
-    checkpoint = resolve_model_source(checkpoint)  # a bad path fails here, not later inside every task
+    if not isinstance(source, WeightsSnapshot):
+        source = str(resolve_model_source(source))  # a bad path fails here, not later inside every task
     if not isinstance(examples, EvalSet):
         examples = prepare(examples, tasks, batch_tokens, gpu=num_gpus > 0)
     # Ray sets OMP_NUM_THREADS to 1 for fractional tasks; whole CPUs per task get that many torch threads.
     threads = max(1, int(num_cpus))
     remote = ray.remote(_score_group).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)
-    refs = [remote.remote(str(checkpoint), group, num_gpus > 0, threads) for group in examples.groups]
-    return EvalHandle(str(checkpoint), refs, time.time())
-
-
-def spare_resources(tasks: int, num_cpus: float = DEFAULT_CPUS_PER_TASK, num_gpus: float = 0.0) -> bool:
-    """Whether the cluster has room right now for `tasks` eval tasks of this size beside what is running."""
-    import ray
-
-    free = ray.available_resources()
-    return free.get("CPU", 0.0) >= tasks * num_cpus and free.get("GPU", 0.0) >= tasks * num_gpus
+    refs = [remote.remote(source, group, num_gpus > 0, threads) for group in examples.groups]
+    return EvalHandle(refs, time.time())
 
 
 class ConcurrentEvals:
-    """One eval per checkpoint step, in flight while training goes on; results logged in step order.
+    """Evals of a training run's -v steps, one in flight at a time, never a growing queue.
 
-    `submit(step, ckpt)` after each checkpoint, `poll()` once per training step (never blocks), `record(step,
-    result)` for an eval done in-loop, `drain()` before exiting. `report(step, result)` is called once per
-    finished eval as it is collected (console / dashboard); main.log gets the `s:%d eval:%f` line.
+    `submit(step, source)` at each eval step, `poll()` once per training step (never blocks), `record(step,
+    result)` for an eval scored elsewhere (in-loop), `finish()` before exiting. An eval due while another runs
+    waits; only the newest waits, so when evals are slower than the -v interval the older waiting one is
+    skipped (`on_skip(step, reason)`) rather than queued: the backlog is bounded by one. `report(step,
+    result)` gets every result as it is collected; main.log gets the `s:%d eval:%f` lines in step order.
     """
 
     def __init__(self, examples: EvalSet, log_path: str | os.PathLike | None, num_cpus: float = DEFAULT_CPUS_PER_TASK,
-                 num_gpus: float = 0.0, report: Callable[[int, dict[str, float | int]], None] | None = None):
+                 num_gpus: float = 0.0, report: Callable[[int, Result, EvalHandle | None], None] | None = None,
+                 on_skip: Callable[[int, str], None] | None = None):
         self.examples = examples
-        self.num_cpus = num_cpus
-        self.num_gpus = num_gpus
+        self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.log = EvalLog(log_path) if log_path is not None else None
-        self.report = report
-        self.in_flight: dict[int, EvalHandle] = {}
-        self.results: dict[int, dict[str, float | int]] = {}
+        self.report, self.on_skip = report, on_skip
+        self.running: tuple[int, EvalHandle] | None = None
+        self.waiting: tuple[int, ModelSource] | None = None
 
-    def submit(self, step: int, checkpoint: str | os.PathLike) -> EvalHandle:
-        handle = launch(checkpoint, self.examples, num_cpus=self.num_cpus, num_gpus=self.num_gpus)
-        self.in_flight[step] = handle
+    def submit(self, step: int, source: ModelSource) -> None:
         if self.log:
             self.log.expect(step)
-        return handle
+        if self.waiting:
+            self._skip(self.waiting[0], f"the eval of step {step} was due before it could start")
+        self.waiting = (step, source)
+        self._start_waiting()
 
-    def record(self, step: int, result: dict[str, float | int]) -> None:
-        """A finished result for `step` (from the in-flight tasks, or computed in-loop by the caller)."""
-        self.in_flight.pop(step, None)
-        self.results[step] = result
+    def record(self, step: int, result: Result, handle: EvalHandle | None = None) -> None:
+        """A finished result for `step`, from Ray tasks (`handle`) or scored in-loop by the caller."""
         if self.report:
-            self.report(step, result)
+            self.report(step, result, handle)
         if self.log:
             self.log.record(step, float(result["acc_norm"]))
 
-    def poll(self) -> list[int]:
-        """Record every finished eval; returns their steps. Failed evals are given up and re-raised."""
-        finished = sorted(step for step, handle in self.in_flight.items() if handle.ready())
-        for step in finished:
-            self._collect(step, timeout=0)
-        return finished
+    def poll(self) -> None:
+        """Record the running eval if it has finished, and start the waiting one; never blocks. A failed eval
+        is given up (no main.log line) and its error re-raised."""
+        if self.running and self.running[1].ready():
+            self._collect(timeout=0)
+        self._start_waiting()
 
-    def wait(self, step: int, timeout: float | None = None) -> None:
-        """Wait for `step`'s eval and record it (e.g. before its checkpoint may be deleted)."""
-        self._collect(step, timeout)
+    def finish(self) -> None:
+        """Wait for the newest eval only: one still running for an older step is cancelled (and skipped)."""
+        if self.running and self.waiting:
+            step, handle = self.running
+            handle.cancel()
+            self.running = None
+            self._skip(step, "cancelled at the end of the run in favour of the last step's eval")
+        self._start_waiting()
+        if self.running:
+            self._collect(timeout=None)
 
-    def drain(self, timeout: float | None = None) -> list[int]:
-        """Wait for every eval in flight (the last checkpoint's included); returns their steps."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        steps = sorted(self.in_flight)
-        for step in steps:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            self._collect(step, left)
-        return steps
+    @property
+    def pending(self) -> bool:
+        return self.running is not None or self.waiting is not None
 
-    def _collect(self, step: int, timeout: float | None) -> None:
+    def _start_waiting(self) -> None:
+        if self.waiting and not self.running:
+            step, source = self.waiting
+            self.waiting = None
+            self.running = (step, launch(source, self.examples, num_cpus=self.num_cpus, num_gpus=self.num_gpus))
+
+    def _skip(self, step: int, reason: str) -> None:
+        if self.log:
+            self.log.give_up(step)
+        if self.on_skip:
+            self.on_skip(step, reason)
+
+    def _collect(self, timeout: float | None) -> None:
+        step, handle = self.running
+        self.running = None
         try:
-            result = self.in_flight[step].result(timeout)
-        except TimeoutError:  # still running: keep waiting for it later
-            raise
+            result = handle.result(timeout)
         except Exception:
             if self.log:
                 self.log.give_up(step)
-            self.in_flight.pop(step)
             raise
-        self.record(step, result)
+        self.record(step, result, handle)

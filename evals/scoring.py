@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from evals.hellaswag_data import NUM_ENDINGS, Example
-from gpt2.model import GPT, autocast_for
+from gpt2.model import GPT, GPTConfig, autocast_for
 
 DEFAULT_BATCH_TOKENS = {"cpu": 2048, "cuda": 65536}
 # Logit elements materialised at once (64 MiB of fp32): bounds memory for any batch size.
@@ -162,26 +162,49 @@ def score_batches(model: GPT, batches: Sequence[Batch]) -> Scores:
     return Scores.concatenate(score_batch(model, batch) for batch in batches)
 
 
-def summarize(scores: Scores) -> dict[str, float | int]:
-    """acc / acc_norm and the counts behind them (argmin takes the first ending on exact ties, as torch does)."""
-    num_correct = int((scores.sum_loss.argmin(1) == scores.labels).sum())
-    num_correct_norm = int((scores.mean_loss.argmin(1) == scores.labels).sum())
-    total = len(scores.labels)
+def counts(scores: Scores) -> tuple[int, int, int]:
+    """(correct by summed loss, correct by mean loss, examples); argmin takes the first ending on exact ties,
+    as torch does. Counts of disjoint parts add up to the counts of the whole."""
+    return (int((scores.sum_loss.argmin(1) == scores.labels).sum()),
+            int((scores.mean_loss.argmin(1) == scores.labels).sum()), len(scores.labels))
+
+
+def summarize_counts(num_correct: int, num_correct_norm: int, total: int) -> dict[str, float | int]:
     return {"acc": num_correct / total, "acc_norm": num_correct_norm / total, "num_correct": num_correct,
             "num_correct_norm": num_correct_norm, "num_total": total}
+
+
+def summarize(scores: Scores) -> dict[str, float | int]:
+    """acc / acc_norm and the counts behind them."""
+    return summarize_counts(*counts(scores))
+
+
+def forward_flops(config: GPTConfig, batches: Sequence[Batch]) -> int:
+    """FLOPs of scoring `batches` as planned (padding included): per token 24*L*C^2 for the block matmuls and
+    4*L*W*C for attention over the batch width W, plus 2*C*V per scored position for the logits."""
+    L, C, V = config.n_layer, config.n_embd, config.vocab_size
+    return sum(b.tokens.size * (24 * L * C * C + 4 * L * b.tokens.shape[1] * C) + 2 * C * V * b.targets.size
+               for b in batches)
 
 
 def default_batch_tokens(device: torch.device | str) -> int:
     return DEFAULT_BATCH_TOKENS.get(torch.device(device).type, DEFAULT_BATCH_TOKENS["cpu"])
 
 
-def evaluate(model: GPT, examples: Sequence[Example], batch_tokens: int | None = None) -> dict[str, float | int]:
-    """Score `examples` in this process (no Ray) on the model's device: the in-loop path, and the one for
-    machines without Ray. A live training model is handed back in the mode it came in."""
+def score_live_model(model: GPT, batches: Sequence[Batch]) -> Scores:
+    """Score with a model that may be in training: eval mode for the call, and its compiled blocks run eagerly
+    (the eval's many batch shapes would each compile anew). It is handed back in the mode it came in."""
     was_training = model.training
     model.eval()
     try:
-        batches = plan_batches(examples, batch_tokens or default_batch_tokens(model.wte.weight.device))
-        return summarize(score_batches(model, batches))
+        with torch.compiler.set_stance("force_eager"):
+            return score_batches(model, batches)
     finally:
         model.train(was_training)
+
+
+def evaluate(model: GPT, examples: Sequence[Example], batch_tokens: int | None = None) -> dict[str, float | int]:
+    """Score `examples` in this process (no Ray) on the model's device: for machines without Ray, and the
+    reference every distributed path must equal."""
+    batches = plan_batches(examples, batch_tokens or default_batch_tokens(model.wte.weight.device))
+    return summarize(score_live_model(model, batches))

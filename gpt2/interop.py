@@ -65,8 +65,8 @@ def write_llmc(model: GPT, path: str | os.PathLike, dtype: torch.dtype = torch.f
             f.write(raw.numpy().tobytes())
 
 
-def read_llmc(path: str | os.PathLike, recompute: int = 0) -> GPT:
-    """Build a GPT from an llm.c model file (fp32 or bf16; bf16 values are widened to fp32)."""
+def read_llmc_header(path: str | os.PathLike) -> tuple[GPTConfig, int]:
+    """The model shape an llm.c model file holds and the bytes per value (4 = fp32, 2 = bf16)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -83,9 +83,15 @@ def read_llmc(path: str | os.PathLike, recompute: int = 0) -> GPT:
     itemsize = 2 if LLMC_VERSIONS[int(header[1])] == torch.bfloat16 else 4
     block_size, vocab, n_layer, n_head, n_embd, padded_vocab = (int(v) for v in header[2:8])
     try:
-        config = GPTConfig(n_layer, n_head, n_embd, block_size, vocab, padded_vocab)
+        return GPTConfig(n_layer, n_head, n_embd, block_size, vocab, padded_vocab), itemsize
     except ValueError as err:
         raise LlmcFormatError(f"{path}: header describes no valid GPT-2 ({err})") from err
+
+
+def read_llmc(path: str | os.PathLike, recompute: int = 0) -> GPT:
+    """Build a GPT from an llm.c model file (fp32 or bf16; bf16 values are widened to fp32)."""
+    path = Path(path)
+    config, itemsize = read_llmc_header(path)
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in GPT(config).named_parameters()}
     order = llmc_order(config)

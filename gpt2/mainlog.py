@@ -1,10 +1,13 @@
 """llm.c's `main.log`: the one module that writes, trims and reads it.
 
 Lines are llm.c's: `s:%d trl:%f lr:%e norm:%f` (train loss, after step s's update), `s:%d tel:%f` (val loss
-at step s) and `s:%d eval:%f` (HellaSwag acc_norm of the checkpoint at step s). llm.c's dev/vislog notebook
-reads the file line by line and plots each stream in file order, so every stream is written in step order,
-HellaSwag results included, however late an eval finishes. Lines are only ever appended, whole, one write
-each: the training loop and the eval collector append to the same file independently.
+at step s) and `s:%d eval:%f` (HellaSwag acc_norm of the checkpoint at step s), plus one stream of ours:
+`s:%d workers:%d`, written when a run resumes at step s with another number of ranks than trained before
+it (an elastic resize). It has the two fields llm.c's dev/vislog notebook asserts for every stream but trl,
+so the notebook reads it as one more stream and plots what it always did. The notebook keeps the last value
+per step of each stream, so every stream is written in step order, HellaSwag results included, however
+late an eval finishes. Lines are only ever appended, whole, one write each: the training loop and the eval
+collector append to the same file independently.
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-_LINE = re.compile(r"^s:(\d+) (trl|tel|eval):([-+0-9.eEnaif]+)")
-STREAMS = ("trl", "tel", "eval")
+_LINE = re.compile(r"^s:(\d+) (trl|tel|eval|workers):([-+0-9.eEnaif]+)")
+STREAMS = ("trl", "tel", "eval", "workers")
 
 
 def trim(path: Path, resume_step: int) -> None:
     """Keep what a run resumed at `resume_step` will not write again: train lines of steps before it (step S's
-    update came after checkpoint S) and val / eval lines up to it."""
+    update came after checkpoint S) and val / eval / workers lines up to it."""
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines(keepends=True)
@@ -84,8 +87,16 @@ class EvalLog:
         return written
 
 
+def record_workers(path: Path, step: int, workers: int) -> None:
+    """The run resumes at `step` on `workers` ranks: one whole line, appended (before the trainer trims the
+    file for its resume, which keeps it)."""
+    with open(path, "a") as f:
+        f.write(f"s:{step} workers:{workers}\n")
+
+
 def read(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """{'trl': [(step, value)], 'tel': [...], 'eval': [...]} in step order; a later line for a step wins."""
+    """{'trl': [(step, value)], 'tel': [...], 'eval': [...], 'workers': [...]} in step order; a later line for a
+    step wins."""
     series: dict[str, dict[int, float]] = defaultdict(dict)
     for line in path.read_text().splitlines():
         if match := _LINE.match(line):

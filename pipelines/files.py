@@ -1,17 +1,29 @@
 """Files that a reader never sees half-written: write beside the target, fsync, rename over it.
 
 Every stage hands its output to the next as files (shards, manifests, checkpoints, logs, plots), and a job
-can be killed at any moment; this is the one place that knows how to replace a file safely.
+can be killed at any moment; this is the one place that knows how to replace a file safely. Targets are
+local paths (also a shared filesystem mounted on every node) or fsspec URLs (s3://, gs://, ...).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether `path` names an fsspec location (scheme://...) rather than a local path."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def local_path(path: str | os.PathLike) -> Path:
+    """A local path, also from a file:// URL."""
+    return Path(str(path).removeprefix("file://"))
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -23,12 +35,22 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _partial_name(name: str) -> str:
+    # pid alone is not unique on a cluster: a retried task on another node may write the same target
+    return f"{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temp file beside `path` for writing; on a clean exit it is fsynced and renamed to `path`,
-    on an error it is removed and `path` is left as it was."""
-    path = Path(path)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    on an error it is removed and `path` is left as it was. On an object store the temp object is moved
+    over the target, so the target never holds a partial upload."""
+    if is_url(path):
+        with _atomic_write_url(str(path), mode) as f:
+            yield f
+        return
+    path = local_path(path)
+    partial = path.with_name(_partial_name(path.name))
     try:
         with open(partial, mode) as f:
             yield f
@@ -39,6 +61,22 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
         partial.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@contextmanager
+def _atomic_write_url(url: str, mode: str) -> Iterator[IO[Any]]:
+    import fsspec
+
+    fs, target = fsspec.core.url_to_fs(url)
+    partial = _partial_name(target)
+    try:
+        with fs.open(partial, mode) as f:
+            yield f
+        fs.mv(partial, target)
+    except BaseException:
+        if fs.exists(partial):
+            fs.rm(partial)
+        raise
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:

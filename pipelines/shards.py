@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
+from collections.abc import Iterable
 
 import numpy as np
+
+from pipelines.files import atomic_write, is_url, local_path
 
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
+MAX_SHARD_TOKENS = np.iinfo("<i4").max  # the header stores the token count as int32
 
 
 class ShardFormatError(ValueError):
@@ -30,6 +33,8 @@ def shard_name(prefix: str, index: int) -> str:
 
 
 def encode_header(num_tokens: int) -> bytes:
+    if not 0 <= num_tokens <= MAX_SHARD_TOKENS:
+        raise ValueError(f"a shard holds 0 to {MAX_SHARD_TOKENS:,} tokens (int32 header), not {num_tokens:,}")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (MAGIC, VERSION, num_tokens)
     return header.tobytes()
@@ -37,35 +42,49 @@ def encode_header(num_tokens: int) -> bytes:
 
 def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> str:
     """Write `tokens` as a shard atomically (temp name, fsync, rename); returns the file's sha256."""
-    path = Path(path)
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"{path}: tokens must be 1-D, got shape {tokens.shape}")
     if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(TOKEN_DTYPE).max):
         raise ValueError(f"{path}: token ids must fit in uint16")
-    header = encode_header(tokens.size)
-    body = tokens.astype(TOKEN_DTYPE, copy=False).tobytes()
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(partial, "wb") as f:
-        f.write(header)
-        f.write(body)
-        f.flush()
-        os.fsync(f.fileno())
-    partial.replace(path)
+    return write_shard_chunks(path, tokens.size, [tokens.astype(TOKEN_DTYPE, copy=False)])
+
+
+def write_shard_chunks(path: str | os.PathLike, num_tokens: int,
+                       chunks: Iterable[bytes | memoryview | np.ndarray]) -> str:
+    """Write a shard whose body (little-endian uint16 tokens) arrives in pieces, atomically; returns its
+    sha256. The pieces must add up to exactly `num_tokens` tokens, or nothing is written."""
+    header = encode_header(num_tokens)
     digest = hashlib.sha256(header)
-    digest.update(body)
+    body_bytes = 0
+    with atomic_write(path) as f:
+        f.write(header)
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            digest.update(view)
+            f.write(view)
+            body_bytes += view.nbytes
+        if body_bytes != TOKEN_DTYPE.itemsize * num_tokens:
+            raise ValueError(f"{path}: {body_bytes} body bytes for a header of {num_tokens} tokens")
     return digest.hexdigest()
 
 
 def read_header(path: str | os.PathLike) -> int:
-    """Validate a shard's header and size; returns its token count."""
-    path = Path(path)
+    """Validate a shard's header and size (local path or fsspec URL); returns its token count."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(HEADER_BYTES)
+        if is_url(path):
+            import fsspec
+
+            fs, target = fsspec.core.url_to_fs(str(path))
+            size = fs.size(target)
+            raw = fs.cat_file(target, start=0, end=HEADER_BYTES)
+        else:
+            path = local_path(path)
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                raw = f.read(HEADER_BYTES)
     except OSError as err:
-        raise ShardFormatError(f"{path}: cannot read shard ({err.strerror})") from err
+        raise ShardFormatError(f"{path}: cannot read shard ({err.strerror or err})") from err
     if len(raw) < HEADER_BYTES:
         raise ShardFormatError(f"{path}: truncated header ({len(raw)} of {HEADER_BYTES} bytes)")
     magic, version, num_tokens = np.frombuffer(raw, dtype="<i4", count=3)

@@ -1,7 +1,9 @@
 """Where documents come from: the FineWeb-Edu hub dataset, local or cloud files, or the offline demo corpus.
 
 Every source resolves to a sorted list of parquet or jsonl files plus the filesystem to read them with, so the
-Ray Data job has one code path and a stable document order.
+job has one code path and a stable document order. Reading is where remote storage fails (HTTP 429 from a
+throttled hub, 5xx, dropped connections): every remote call here is retried with backoff, and an error that
+is not transient becomes one InputError naming the file and, where known, the row or line.
 """
 
 from __future__ import annotations
@@ -10,9 +12,17 @@ import ast
 import glob
 import gzip
 import json
+import random
+import re
+import sys
 import sysconfig
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -23,10 +33,79 @@ FINEWEB_EDU_SAMPLES = ("sample-10BT", "sample-100BT", "sample-350BT")
 PARQUET_SUFFIXES = (".parquet",)
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 DEMO_FILES = 4
+# Filter columns and their Arrow types; jsonl is parsed against these alone, so other fields never matter.
+SCORE_COLUMNS = {"int_score": pa.int64(), "score": pa.float64(), "language_score": pa.float64()}
+INSPECT_THREADS = 16  # footers are tiny remote reads: latency-bound, so many at once
+
+# Retries of remote reads: a whole call again after 0.5 s, 1 s, 2 s, ... (capped, jittered). Generous,
+# because a throttled hub answers 429 for minutes and a job of hours must not die of it.
+RETRY_ATTEMPTS = 8
+RETRY_FIRST_WAIT_S = 0.5
+RETRY_MAX_WAIT_S = 30.0
+TRANSIENT_HTTP_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, pa.ArrowException)  # what corrupt input raises
+
+Result = TypeVar("Result")
 
 
 class InputError(ValueError):
     """Unusable input; the message names the file or flag."""
+
+
+def _http_status(err: BaseException) -> int | None:
+    response = getattr(err, "response", None)
+    return getattr(response, "status_code", None) or getattr(err, "status", None)
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx"):  # huggingface_hub's HTTP client; its transport errors are not OSErrors
+        if module in sys.modules:
+            types.append(sys.modules[module].TransportError)
+    return tuple(types)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Throttling, a server error or a dropped connection, anywhere in the exception's chain."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if _http_status(seen) in TRANSIENT_HTTP_STATUS or isinstance(seen, _transient_types()):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def with_retries(call: Callable[[], Result], what: str) -> Result:
+    """`call()`, again with exponential backoff while it fails transiently; `what` names it in the notes."""
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        try:
+            return call()
+        except Exception as err:
+            if attempt == RETRY_ATTEMPTS or not is_transient(err):
+                raise
+            wait = min(RETRY_MAX_WAIT_S, RETRY_FIRST_WAIT_S * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+            print(f"note: {what}: {_short(err)}; retry {attempt}/{RETRY_ATTEMPTS - 1} in {wait:.1f}s",
+                  file=sys.stderr)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _short(err: BaseException) -> str:
+    status = _http_status(err)
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return f"HTTP {status}" if status else text[:200]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Consecutive rows of one input file: the rows of `row_groups` after skipping `skip`, `rows` of them
+    (-1: the whole file, for jsonl). `first_row` is the file row of the first one, for error messages."""
+
+    file: int
+    row_groups: tuple[int, ...]
+    skip: int
+    rows: int
+    first_row: int
 
 
 @dataclass(frozen=True)
@@ -35,24 +114,36 @@ class InputFiles:
     format: str  # "parquet" or "json"
     filesystem: fsspec.AbstractFileSystem
     columns: list[str]  # columns present in the first file, for the filters that depend on them
-    row_groups: list[list[int]]  # rows in each parquet row group, per file; [] for json files
+    # per file: (rows, uncompressed text bytes) of each parquet row group; one (-1, file bytes) for jsonl
+    row_groups: list[list[tuple[int, int]]]
 
-    def read_units(self) -> list[dict]:
-        """The job's units of reading, in document order: a parquet row group, or a whole json file.
+    def read(self, piece: Piece, columns: list[str], batch_rows: int) -> pa.Table:
+        """The piece's rows (text and the filter columns), retried while the storage fails transiently."""
+        path = self.paths[piece.file]
+        if self.format == "parquet":
+            def read() -> pa.Table:
+                return _read_parquet(self.filesystem, path, piece, columns, batch_rows)
+        else:
+            def read() -> pa.Table:
+                return _read_json(self.filesystem, path, columns)
+        table = with_retries(read, f"reading {path}")
+        if (row := _first_invalid_utf8(table)) is not None:  # neither reader checks string contents
+            located = _locate_json_error(self.filesystem, path, ["text"]) if self.format == "json" else None
+            raise InputError(f"{path}: {located or f'row {piece.first_row + row}: text is not valid UTF-8'}")
+        return table
 
-        Each knows its first row, so the job can tell exactly which document every token came from.
-        """
-        units = []
-        for file, path in enumerate(self.paths):
-            if self.format == "json":
-                units.append({"file": file, "path": path, "row_group": -1, "first_row": 0, "rows": -1})
-                continue
-            first_row = 0
-            for row_group, rows in enumerate(self.row_groups[file]):
-                units.append({"file": file, "path": path, "row_group": row_group, "first_row": first_row,
-                              "rows": rows})
-                first_row += rows
-        return units
+
+def _first_invalid_utf8(table: pa.Table) -> int | None:
+    """The row of the first text that is not valid UTF-8 (Arrow only checks it on request)."""
+    offset = 0
+    for chunk in table["text"].chunks:
+        try:
+            chunk.validate(full=True)
+        except pa.ArrowInvalid as err:
+            found = re.search(r"string index (\d+)", str(err))
+            return offset + (int(found.group(1)) if found else 0)
+        offset += len(chunk)
+    return None
 
 
 def _format_of(path: str) -> str:
@@ -63,60 +154,145 @@ def _format_of(path: str) -> str:
     raise InputError(f"{path}: unsupported file type (expected {', '.join(PARQUET_SUFFIXES + JSON_SUFFIXES)})")
 
 
+def _open_text_lines(fs: fsspec.AbstractFileSystem, path: str):
+    raw = fs.open(path, "rb")
+    return gzip.open(raw) if path.endswith(".gz") else raw
+
+
 def _first_json_record(fs: fsspec.AbstractFileSystem, path: str) -> dict:
-    with fs.open(path, "rb") as raw:
-        stream = gzip.open(raw) if path.endswith(".gz") else raw
+    with _open_text_lines(fs, path) as stream:
         line = stream.readline()
     try:
         record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}: line 1 is not JSON ({err.msg})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: line 1 is not JSON ({getattr(err, 'msg', err)})") from err
     if not isinstance(record, dict):
         raise InputError(f"{path}: line 1 is not a JSON object")
     return record
 
 
-def _inspect(fs: fsspec.AbstractFileSystem, path: str, file_format: str) -> tuple[list[str], list[int]]:
+def _check_text_type(path: str, text_type: pa.DataType) -> None:
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or pa.types.is_null(text_type)):
+        raise InputError(f"{path}: column 'text' is {text_type}, not a string")
+
+
+def _inspect(fs: fsspec.AbstractFileSystem, path: str, file_format: str) -> tuple[list[str], list[tuple[int, int]]]:
     """Columns and row-group sizes, from the parquet footer or the first json line; errors name the file."""
-    row_groups: list[int] = []
     try:
-        if file_format == "parquet":
+        if file_format == "json":
+            columns = list(_first_json_record(fs, path))
+            row_groups = [(-1, fs.size(path))]
+        else:
             with fs.open(path, "rb") as f:
                 metadata = pq.ParquetFile(f).metadata
-                columns = metadata.schema.to_arrow_schema().names
-                row_groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
-        else:
-            columns = list(_first_json_record(fs, path))
+            schema = metadata.schema.to_arrow_schema()
+            columns = schema.names
+            text = columns.index("text") if "text" in columns else 0
+            row_groups = [(metadata.row_group(i).num_rows, metadata.row_group(i).column(text).total_uncompressed_size)
+                          for i in range(metadata.num_row_groups)]
     except InputError:
         raise
-    except (OSError, pa.ArrowException, EOFError) as err:
-        raise InputError(f"{path}: unreadable ({err})") from err
+    except READ_ERRORS as err:
+        if is_transient(err):
+            raise
+        raise InputError(f"{path}: unreadable ({_first_line(err)})") from err
     if "text" not in columns:
         raise InputError(f"{path}: no 'text' column (columns: {', '.join(columns) or 'none'})")
+    if file_format == "parquet":
+        _check_text_type(path, schema.field("text").type)
     return columns, row_groups
 
 
-def read_unit(unit: dict, filesystem: fsspec.AbstractFileSystem, columns: list[str], batch_rows: int):
-    """Yield a read unit's documents as Arrow tables of at most batch_rows rows, tagged with file and row."""
-    path = unit["path"]
-    try:
-        with filesystem.open(path, "rb") as f:
-            if unit["row_group"] >= 0:
-                table = pq.ParquetFile(f).read_row_group(unit["row_group"], columns=columns)
-            else:
-                import pyarrow.json as pj
+def _read_parquet(fs: fsspec.AbstractFileSystem, path: str, piece: Piece, columns: list[str],
+                  batch_rows: int) -> pa.Table:
+    with fs.open(path, "rb") as f:
+        try:
+            parquet = pq.ParquetFile(f)
+        except READ_ERRORS as err:
+            if is_transient(err):
+                raise
+            raise InputError(f"{path}: unreadable ({_first_line(err)})") from err
+        present = [c for c in columns if c in parquet.schema_arrow.names]
+        batches, to_skip, wanted = [], piece.skip, piece.rows
+        for group in piece.row_groups:  # one at a time, so that an error names its row group
+            try:
+                # streamed, so a piece cut from a huge row group decodes no further than its own last row
+                for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=present,
+                                                  use_threads=False):
+                    if to_skip >= batch.num_rows:
+                        to_skip -= batch.num_rows
+                        continue
+                    batch = batch.slice(to_skip, wanted)
+                    to_skip, wanted = 0, wanted - batch.num_rows
+                    batches.append(batch)
+                    if wanted == 0:
+                        break
+            except READ_ERRORS as err:
+                if is_transient(err):
+                    raise
+                first = sum(parquet.metadata.row_group(g).num_rows for g in range(group))
+                last = first + parquet.metadata.row_group(group).num_rows - 1
+                raise InputError(f"{path}: row group {group} (rows {first}-{last}): unreadable "
+                                 f"({_first_line(err)})") from err
+            if wanted == 0:
+                break
+    if wanted:
+        raise InputError(f"{path}: {wanted} rows fewer than its footer says, near row {piece.first_row}")
+    table = pa.Table.from_batches(batches, schema=batches[0].schema) if batches else \
+        parquet.schema_arrow.empty_table().select(present)
+    _check_text_type(path, table.schema.field("text").type)
+    return table
 
-                table = pj.read_json(gzip.open(f) if path.endswith(".gz") else f)
-    except (OSError, pa.ArrowException, EOFError) as err:
-        raise InputError(f"{path}: unreadable ({err})") from err
-    if "text" not in table.column_names:
-        raise InputError(f"{path}: no 'text' column (columns: {', '.join(table.column_names) or 'none'})")
-    table = table.select([c for c in columns if c in table.column_names])
-    rows = pa.array(range(unit["first_row"], unit["first_row"] + table.num_rows), type=pa.int64())
-    table = table.append_column("file", pa.array([unit["file"]] * table.num_rows, type=pa.int32()))
-    table = table.append_column("row", rows)
-    for start in range(0, table.num_rows, batch_rows):
-        yield table.slice(start, batch_rows)
+
+def _read_json(fs: fsspec.AbstractFileSystem, path: str, columns: list[str]) -> pa.Table:
+    import pyarrow.json as pj
+
+    schema = pa.schema([("text", pa.string())] + [(c, SCORE_COLUMNS[c]) for c in columns if c in SCORE_COLUMNS])
+    options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+    try:
+        with _open_text_lines(fs, path) as stream:
+            return pj.read_json(stream, parse_options=options)
+    except READ_ERRORS as err:
+        if is_transient(err):
+            raise
+        raise InputError(f"{path}: {_locate_json_error(fs, path, schema.names) or _first_line(err)}") from err
+
+
+def _locate_json_error(fs: fsspec.AbstractFileSystem, path: str, columns: list[str]) -> str | None:
+    """Arrow's JSON errors count rows per block, or not at all; find the first bad line ourselves.
+    None if no line is at fault (or the stream itself is corrupt, e.g. a broken gzip)."""
+    try:
+        return _first_bad_line(fs, path, columns)
+    except READ_ERRORS:
+        return None
+
+
+def _first_bad_line(fs: fsspec.AbstractFileSystem, path: str, columns: list[str]) -> str | None:
+    with _open_text_lines(fs, path) as stream:
+        for number, raw in enumerate(stream, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return f"line {number}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})"
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as err:
+                return f"line {number}, column {err.colno}: not JSON ({err.msg})"
+            if not isinstance(record, dict):
+                return f"line {number}: not a JSON object"
+            for column in columns:
+                value = record.get(column)
+                expected = str if column == "text" else (int, float)
+                if value is not None and (not isinstance(value, expected) or isinstance(value, bool)):
+                    return f"line {number}: '{column}' is {type(value).__name__} {json.dumps(value)[:40]}, " \
+                           f"expected {'a string' if column == 'text' else 'a number'}"
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -128,7 +304,12 @@ def _checked(fs: fsspec.AbstractFileSystem, paths: list[str]) -> InputFiles:
     if len(formats) > 1:
         raise InputError(f"inputs mix parquet and json files ({paths[0]} ...): give one format per run")
     (file_format,) = formats
-    inspected = [_inspect(fs, p, file_format) for p in paths]
+
+    def inspect(path: str) -> tuple[list[str], list[tuple[int, int]]]:
+        return with_retries(lambda: _inspect(fs, path, file_format), f"reading the footer of {path}")
+
+    with ThreadPoolExecutor(min(INSPECT_THREADS, len(paths))) as pool:
+        inspected = list(pool.map(inspect, paths))
     return InputFiles(
         paths=paths if _is_local(fs) else [fs.unstrip_protocol(p) for p in paths],
         format=file_format,
@@ -142,7 +323,7 @@ def files_from_glob(pattern: str) -> InputFiles:
     """Local or fsspec (s3://, gs://, hf://, ...) glob, sorted; every file is opened once to check it."""
     if "://" in pattern:
         fs, _ = fsspec.core.url_to_fs(pattern)
-        matches = sorted(fs.glob(pattern))
+        matches = sorted(with_retries(lambda: fs.glob(pattern), f"listing {pattern}"))
     else:
         fs = fsspec.filesystem("file")
         matches = sorted(str(Path(p).resolve()) for p in glob.glob(pattern, recursive=True))
@@ -153,17 +334,22 @@ def files_from_glob(pattern: str) -> InputFiles:
 
 
 def files_from_hub(name: str, repo: str = FINEWEB_EDU_REPO) -> InputFiles:
-    """The parquet files of a FineWeb-Edu sample (e.g. sample-10BT -> sample/10BT/*.parquet) on the hub."""
-    from huggingface_hub import HfFileSystem
+    """The parquet files of a FineWeb-Edu sample (e.g. sample-10BT -> sample/10BT/*.parquet) on the hub.
+
+    The hub is `huggingface_hub`'s endpoint (HF_ENDPOINT, default huggingface.co), fixed here so that the
+    filesystem the workers unpickle talks to the same server as the driver.
+    """
+    from huggingface_hub import HfFileSystem, constants
 
     if not name.startswith("sample-"):
         raise InputError(f"--name {name!r}: expected one of {', '.join(FINEWEB_EDU_SAMPLES)}")
-    fs = HfFileSystem()
+    fs = HfFileSystem(endpoint=constants.ENDPOINT)
     folder = f"datasets/{repo}/sample/{name.removeprefix('sample-')}"
     try:
-        matches = sorted(fs.glob(f"{folder}/*.parquet"))
-    except OSError as err:
-        raise InputError(f"hf://{folder}: cannot list the hub dataset ({err}); use --input for local files") from err
+        matches = sorted(with_retries(lambda: fs.glob(f"{folder}/*.parquet"), f"listing hf://{folder}"))
+    except Exception as err:
+        raise InputError(f"hf://{folder}: cannot list the hub dataset at {constants.ENDPOINT} "
+                         f"({_first_line(err)}); use --input for local files") from err
     if not matches:
         raise InputError(f"hf://{folder}: no parquet files (check --name)")
     return _checked(fs, matches)
@@ -194,6 +380,8 @@ def python_docs_documents() -> list[dict[str, str]]:
 
 def files_from_demo(directory: Path) -> InputFiles:
     """Write the smoke corpus (NOT FineWeb) as a few parquet files once, then read it like any input."""
+    from pipelines.files import atomic_write
+
     directory.mkdir(parents=True, exist_ok=True)
     paths = [directory / f"python_docs_{i:02d}.parquet" for i in range(DEMO_FILES)]
     if not all(p.exists() for p in paths):
@@ -201,8 +389,7 @@ def files_from_demo(directory: Path) -> InputFiles:
         per_file = -(-len(documents) // DEMO_FILES)
         for i, path in enumerate(paths):
             part = documents[i * per_file:(i + 1) * per_file]
-            partial = path.with_name(path.name + ".tmp")
             table = pa.Table.from_pylist(part, schema=pa.schema([("id", pa.string()), ("text", pa.string())]))
-            pq.write_table(table, partial, row_group_size=256)  # small row groups: reads split into many blocks
-            partial.replace(path)
+            with atomic_write(path) as f:
+                pq.write_table(table, f, row_group_size=256)  # small row groups, as real dumps often have
     return _checked(fsspec.filesystem("file"), [str(p.resolve()) for p in paths])

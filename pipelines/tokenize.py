@@ -1,13 +1,16 @@
-"""FineWeb-Edu (or any parquet/jsonl text) -> llm.c uint16 token shards, as a streaming Ray Data job.
+"""FineWeb-Edu (or any parquet/jsonl text) -> llm.c uint16 token shards, as a Ray job with no central writer.
 
     python pipelines/tokenize.py                                   # FineWeb-Edu sample-10BT from the hub
     python pipelines/tokenize.py --input 'data/raw/*.parquet'      # local or s3://, gs://, hf:// files
     python pipelines/tokenize.py --source demo                     # offline smoke corpus (Python's own docs)
-    ray job submit --working-dir . -- python pipelines/tokenize.py --name sample-100BT
+    ray job submit --working-dir . -- python pipelines/tokenize.py --name sample-100BT --node-resource data_node
 
-Read -> filter + tokenize on an actor pool (one GPT-2 encoder per actor) -> the driver consumes the blocks in
-input order and cuts them into fixed-size shards, so the bytes do not depend on parallelism or scheduling.
-Rerunning an interrupted command resumes after the last complete shard; rerunning a finished one is a no-op.
+The input is cut into work units of similar size (pipelines.plan). Tokenizer actors each read a unit,
+filter and encode it, and write its tokens into the output directory themselves (pipelines.encode); from
+the units' exact token counts the shards' global offsets follow, and Ray tasks assemble the shards in
+parallel (pipelines.assemble) as soon as the units they cover are done. --dedup runs as a distributed
+Ray Data step between the two (pipelines.dedup). The driver only schedules and keeps counters, so the bytes
+depend on the inputs and flags alone, and a killed job resumes at the unit and shard it reached.
 """
 
 from __future__ import annotations
@@ -24,17 +27,21 @@ if __name__ == "__main__":
     sys.exit(main())
 
 import argparse
-import hashlib
+import functools
 import time
-from array import array
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
 from tqdm import tqdm
 
-from pipelines.filters import DROP_REASONS, FilterConfig, drop_reasons
-from pipelines.shards import ShardFormatError, read_header
+from pipelines.dedup import find_duplicates
+from pipelines.encode import EncodeJob
+from pipelines.files import is_url, local_path
+from pipelines.filters import DROP_REASONS, FilterConfig
+from pipelines.plan import DEFAULT_UNIT_BYTES, ShardPlan, WorkUnit, layout_shards, plan_units
+from pipelines.shards import MAX_SHARD_TOKENS, ShardFormatError, read_header
 from pipelines.sources import (
     FINEWEB_EDU_SAMPLES,
     InputError,
@@ -42,25 +49,19 @@ from pipelines.sources import (
     files_from_demo,
     files_from_glob,
     files_from_hub,
-    read_unit,
 )
-from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding, tokenizer_identity
-from pipelines.writer import (
-    HASHES_FILE,
-    MANIFEST_FILE,
-    STATE_FILE,
-    Position,
-    ShardStream,
-    read_json,
-    write_json_atomically,
-)
+from pipelines.tokenizer import tokenizer_identity
+from pipelines.workdir import MANIFEST_FILE, PARTS_DIR, STATE_FILE, OutputDir, unit_file
+from pipelines.worker import TokenizeWorker
 
-# Reading is light next to BPE, so read tasks ask for a sliver of a CPU, and the actor pool leaves some
-# unclaimed: a pool that claims every CPU starves the readers and the job stalls without an error.
-READ_TASK_CPUS = 0.1
-RESERVED_CPUS = 0.2
+ASSEMBLE_TOKENS = 32 << 20  # one assembly task writes consecutive shards up to this many tokens
+DEDUP_ROWS_PER_PARTITION = 2_000_000  # 20 bytes each: a few tens of MB per dedup reduce task
+NODE_RESOURCE_SHARE = 0.001  # what each actor and task asks of --node-resource: only where it runs matters
+MAX_WORKER_REPLACEMENTS = 3  # per worker, on average, before a job whose workers keep dying gives up
+PROGRESS_LINE_EVERY_S = 30  # without a terminal (ray job logs), a progress line this often
 DEMO_SHARD_SIZE = 100_000
 FINEWEB_SHARD_SIZE = 100_000_000
+STATE_VERSION = 2  # version 1 state files (one ordered writer) cannot be resumed by this code
 
 
 @dataclass
@@ -68,13 +69,16 @@ class TokenizeConfig:
     source: str = "hub"  # hub | files | demo
     name: str = "sample-10BT"
     input: str | None = None
-    output_dir: Path | None = None
+    output_dir: str | Path | None = None  # a local directory or an fsspec URL
     prefix: str | None = None
     shard_size: int | None = None
     filters: FilterConfig = field(default_factory=FilterConfig)
     num_workers: int | None = None  # default: one tokenizer actor per CPU in the cluster
-    cpus_per_worker: float | None = None  # default: the cluster's CPUs less RESERVED_CPUS, shared by the pool
-    batch_size: int = 1024
+    cpus_per_worker: float | None = None  # default: the cluster's CPUs shared by the workers, at most 1 each
+    batch_size: int = 1024  # rows per parquet read batch
+    unit_bytes: int = DEFAULT_UNIT_BYTES
+    node_resource: str | None = None  # a custom Ray resource: run the work only on nodes that have it
+    start_timeout: float = 600.0
     overwrite: bool = False
     address: str | None = None
 
@@ -82,220 +86,488 @@ class TokenizeConfig:
         demo = self.source == "demo"
         if self.output_dir is None:
             billions = self.name.removeprefix("sample-").removesuffix("T")
-            self.output_dir = Path("data/python_docs" if demo else f"data/edu_fineweb{billions}")
-        self.output_dir = Path(self.output_dir)
+            self.output_dir = "data/python_docs" if demo else f"data/edu_fineweb{billions}"
+        self.output_dir = str(self.output_dir)
+        if demo and is_url(self.output_dir):
+            raise InputError(f"-o {self.output_dir}: --source demo builds its corpus locally; give a local -o")
         self.prefix = self.prefix or ("python_docs" if demo else "edu_fineweb")
-        self.shard_size = self.shard_size or (DEMO_SHARD_SIZE if demo else FINEWEB_SHARD_SIZE)
-        if self.shard_size <= 0:
-            raise ValueError(f"--shard-size must be positive, got {self.shard_size}")
-        if self.num_workers is not None and self.num_workers < 1:
-            raise ValueError(f"--num-workers must be at least 1, got {self.num_workers}")
-
-
-class TokenizeDocuments:
-    """Ray Data actor: filters a batch and encodes the survivors, EOT first, as uint16 bytes per document.
-
-    Dropped documents stay in the output as empty rows carrying their drop reason, so the driver can count
-    them and track exactly where in each input file it is.
-    """
-
-    def __init__(self, filters: FilterConfig):
-        self.filters = filters
-        self.encode = gpt2_encoding().encode_ordinary
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        reasons = drop_reasons(batch, self.filters)
-        texts = batch["text"].to_pylist()
-        # one uint16 buffer for the whole batch plus offsets: no per-document bytes objects or extra copies
-        tokens, offsets = array("H"), array("q", [0])
-        for text, reason in zip(texts, reasons, strict=True):
-            if not reason:
-                tokens.append(EOT_TOKEN)
-                tokens.fromlist(self.encode(text))
-            offsets.append(2 * len(tokens))
-        token_column = pa.LargeBinaryArray.from_buffers(
-            pa.large_binary(), len(texts), [None, pa.py_buffer(offsets), pa.py_buffer(tokens)])
-        columns = {"file": batch["file"], "row": batch["row"], "reason": pa.array(reasons), "tokens": token_column}
-        if self.filters.dedup:
-            columns["text_hash"] = pa.array(
-                [0 if r else int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little")
-                 for t, r in zip(texts, reasons, strict=True)], type=pa.uint64())
-        return pa.table(columns)
+        if self.shard_size is None:
+            self.shard_size = DEMO_SHARD_SIZE if demo else FINEWEB_SHARD_SIZE
+        if not 1 <= self.shard_size <= MAX_SHARD_TOKENS:
+            raise InputError(f"--shard-size must be from 1 to {MAX_SHARD_TOKENS:,} (the shard header counts tokens "
+                             f"in an int32), got {self.shard_size:,}")
+        for flag, value, lowest in (("--num-workers", self.num_workers, 1), ("--batch-size", self.batch_size, 1),
+                                    ("--unit-bytes", self.unit_bytes, 1)):
+            if value is not None and value < lowest:
+                raise InputError(f"{flag} must be at least {lowest}, got {value}")
+        for flag, value in (("--cpus-per-worker", self.cpus_per_worker), ("--start-timeout", self.start_timeout)):
+            if value is not None and not value > 0:
+                raise InputError(f"{flag} must be positive, got {value:g}")
 
 
 def resolve_inputs(config: TokenizeConfig) -> InputFiles:
     if config.source == "demo":
-        return files_from_demo(config.output_dir / "demo_source")
+        return files_from_demo(local_path(config.output_dir) / "demo_source")
     if config.source == "files":
         return files_from_glob(config.input)
     return files_from_hub(config.name)
 
 
-def build_dataset(inputs: InputFiles, start: Position | None, config: TokenizeConfig, num_workers: int,
-                  cpus_per_worker: float):
-    """Read units -> (read tasks) document batches -> (tokenizer actors) token rows, in input order."""
-    import ray
+# ---- the output directory before a run: refuse, finish, resume or start -------------------------------------
 
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # the shard bytes depend on document order
-    context.enable_progress_bars = False  # the driver shows one bar for the whole job
-    units = [u for u in inputs.read_units() if start is None or not _before(u, start)]
-    columns = ["text", *[c for c in config.filters.threshold_columns() if c in inputs.columns]]
-    return ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-        _read_units,
-        fn_kwargs={"filesystem": inputs.filesystem, "columns": columns, "batch_rows": config.batch_size},
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=READ_TASK_CPUS,
-    ).map_batches(
-        TokenizeDocuments,
-        fn_constructor_args=(config.filters,),
-        batch_size=None,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=num_workers),
-        num_cpus=cpus_per_worker,
-    )
+def _shard_files(out: OutputDir, prefix: str = "*") -> list[str]:
+    return out.glob(f"{prefix}_*_[0-9][0-9][0-9][0-9][0-9][0-9].bin")
 
 
-def _before(unit: dict, start: Position) -> bool:
-    """Whether every row of a read unit was already written before the resume position."""
-    if unit["file"] != start.file:
-        return unit["file"] < start.file
-    return unit["rows"] >= 0 and unit["first_row"] + unit["rows"] <= start.row
-
-
-def _read_units(units: pa.Table, filesystem, columns: list[str], batch_rows: int):
-    for unit in units.to_pylist():
-        yield from read_unit(unit, filesystem, columns, batch_rows)
-
-
-def _finished_manifest(out_dir: Path, fingerprint: dict) -> dict | None:
-    """The manifest of a finished identical run (shards checked by header and size), if there is one."""
-    path = out_dir / MANIFEST_FILE
-    if not path.exists():
-        return None
-    manifest = read_json(path)
-    if manifest.get("fingerprint") != fingerprint:
-        raise InputError(f"{path}: shards from a run with different inputs or flags are here; "
-                         "use another --output-dir or pass --overwrite")
-    for shard in manifest["shards"]:
-        if read_header(out_dir / shard["name"]) != shard["tokens"]:
-            raise ShardFormatError(f"{out_dir / shard['name']}: token count differs from {path}")
-    return manifest
-
-
-def _shard_files(out_dir: Path, prefix: str = "*") -> list[Path]:
-    return sorted(out_dir.glob(f"{prefix}_*_[0-9][0-9][0-9][0-9][0-9][0-9].bin"))
-
-
-def _refuse_unknown_shards(out_dir: Path) -> None:
+def _refuse_unknown_shards(out: OutputDir) -> None:
     """Shards with neither our manifest nor our state file beside them (llm.c's fineweb.py output, or a run
     whose manifest was deleted) are somebody's data that nothing here can verify: never replace them."""
-    if (out_dir / MANIFEST_FILE).exists() or (out_dir / STATE_FILE).exists():
+    if out.exists(MANIFEST_FILE) or out.exists(STATE_FILE):
         return
-    if found := _shard_files(out_dir):
+    if found := _shard_files(out):
         more = f" and {len(found) - 1} more" if len(found) > 1 else ""
-        raise InputError(f"{out_dir}: already holds shards ({found[0].name}{more}) but no {MANIFEST_FILE} or "
+        raise InputError(f"{out}: already holds shards ({found[0]}{more}) but no {MANIFEST_FILE} or "
                          f"{STATE_FILE} of this pipeline; use another --output-dir, or --overwrite to discard them")
 
 
-def _clear_outputs(out_dir: Path, prefix: str, keep_shards: int) -> None:
-    """Remove leftovers of an interrupted run: temp files and shards past the last verified one."""
-    for path in out_dir.glob("*.tmp"):
-        path.unlink()
-    for path in _shard_files(out_dir, prefix):
-        if int(path.stem.rsplit("_", 1)[1]) >= keep_shards:
-            path.unlink()
+def _discard_previous_run(out: OutputDir) -> None:
+    for name in (MANIFEST_FILE, STATE_FILE, PARTS_DIR, *_shard_files(out)):
+        out.remove(name)
 
+
+def _finished_manifest(out: OutputDir, fingerprint: dict) -> dict | None:
+    """The manifest of a finished identical run (shards checked by header and size), if there is one."""
+    if not out.exists(MANIFEST_FILE):
+        return None
+    manifest = out.read_json(MANIFEST_FILE)
+    if manifest.get("fingerprint") != fingerprint:
+        raise InputError(f"{out.path(MANIFEST_FILE)}: shards from a run with different inputs or flags are here; "
+                         "use another --output-dir or pass --overwrite")
+    for shard in manifest["shards"]:
+        if read_header(out.path(shard["name"])) != shard["tokens"]:
+            raise ShardFormatError(f"{out.path(shard['name'])}: token count differs from {out.path(MANIFEST_FILE)}")
+    for leftover in (STATE_FILE, PARTS_DIR):  # a run killed after its manifest was written
+        out.remove(leftover)
+    return manifest
+
+
+def _load_or_plan_units(out: OutputDir, fingerprint: dict, inputs: InputFiles,
+                        unit_bytes: int) -> tuple[list[WorkUnit], bool]:
+    """The work units of the unfinished run in `out` (same flags only), or a new plan, recorded once;
+    and whether the plan is new."""
+    if out.exists(STATE_FILE):
+        state = out.read_json(STATE_FILE)
+        if state.get("fingerprint") != fingerprint:
+            raise InputError(f"{out.path(STATE_FILE)}: an unfinished run with different inputs or flags is here; "
+                             "use another --output-dir or pass --overwrite")
+        if state.get("version") != STATE_VERSION:
+            raise InputError(f"{out.path(STATE_FILE)}: left by an older version of this pipeline, which cannot "
+                             "be resumed; pass --overwrite to start again")
+        return [WorkUnit.from_dict(unit) for unit in state["units"]], False
+    units = plan_units(inputs, unit_bytes)
+    out.remove(PARTS_DIR)  # nothing in it can belong to a run without a state file
+    out.makedirs(PARTS_DIR)
+    out.write_json(STATE_FILE, {"version": STATE_VERSION, "fingerprint": fingerprint,
+                                "units": [unit.to_dict() for unit in units]})
+    return units, True
+
+
+# ---- the driver: schedules units and shards, keeps counters --------------------------------------------------
+
+def _suggest_shard_size(total_tokens: int) -> int:
+    """About a tenth of the tokens, rounded down to two significant digits: 1 val shard and 9+ train."""
+    tenth = max(1, total_tokens // 10)
+    scale = 10 ** max(0, len(str(tenth)) - 2)
+    return tenth // scale * scale
+
+
+class _Progress:
+    """A bar on a terminal; otherwise (ray job logs) a plain line every PROGRESS_LINE_EVERY_S seconds."""
+
+    def __init__(self, units: int, done: int):
+        self.bar = tqdm(total=units, initial=done, desc="tokenize", unit=" units", disable=None, mininterval=1.0,
+                        dynamic_ncols=True)
+        self.last_line = time.monotonic()
+
+    def update(self, units_done: int, tokens: int, seconds: float) -> None:
+        rate = tokens / max(seconds, 1e-9)
+        if not self.bar.disable:
+            self.bar.n = units_done
+            self.bar.set_postfix(tokens=f"{tokens:,}", tok_s=f"{rate:,.0f}")
+        elif time.monotonic() - self.last_line >= PROGRESS_LINE_EVERY_S:
+            self.last_line = time.monotonic()
+            print(f"tokenize: {units_done}/{self.bar.total} units, {tokens:,} tokens this run, {rate:,.0f} tok/s",
+                  flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _Driver:
+    """Schedules units and shards on the workers and keeps the counters; no token passes through it."""
+
+    def __init__(self, config: TokenizeConfig, out: OutputDir, inputs: InputFiles, units: list[WorkUnit]):
+        import ray
+
+        self.ray = ray
+        self.config = config
+        self.out = out
+        self.inputs = inputs
+        self.units = units
+        self.counters: dict[int, dict] = {}  # unit -> what its worker reported (done units)
+        self.shards: dict[int, dict] = {}  # shard index -> its manifest entry (written shards)
+        self.duplicates: dict[int, dict] = {}  # unit -> --dedup's {"docs", "tokens" dropped, "files" naming them}
+        self.pending: dict = {}  # ObjectRef -> (worker, WorkUnit) for a unit, (worker, [ShardPlan], dups) for shards
+        self.calls: dict = {}  # worker -> calls in flight on it
+        self.workers: list = []
+        self.num_workers = 0
+        self.new_worker = None  # starts one more worker actor
+        self.replacements = 0
+        self.todo: deque[WorkUnit] = deque()
+        self.reserved: dict = {}  # worker -> the unit it is already reading ahead
+        self.ordered_units = 0  # units 0..n-1 are all done: their shards' offsets are known
+        self.kept_tokens: list[int] = []  # per unit, for units 0..ordered_units-1
+        self.shards_launched = 0  # shards 0..n-1 are written or being written
+        self.tokens_this_run = 0
+        self.resumed = {"units": 0, "shards": 0}
+        self.remote_args = {"resources": {config.node_resource: NODE_RESOURCE_SHARE}} if config.node_resource else {}
+
+    # ---- resume ------------------------------------------------------------------------------------------
+    def load_progress(self) -> None:
+        """Units and shards a previous run of the same command finished (re-verified cheaply)."""
+        out = self.out
+        for name in out.glob("*.tmp") + out.glob(f"{PARTS_DIR}/*.tmp"):
+            out.remove(name)  # a write the previous run was killed in
+
+        def finished_unit(name: str) -> dict | None:
+            counters = out.read_json(name)
+            tokens = unit_file(counters["unit"], "tokens")
+            return counters if out.exists(tokens) and out.size(tokens) == 2 * counters["tokens"] else None
+
+        def written_shards(name: str) -> dict[int, dict]:
+            record = out.read_json(name)
+            entries = {record["first"] + k: entry for k, entry in enumerate(record["shards"])}
+            try:
+                if all(read_header(out.path(e["name"])) == e["tokens"] for e in entries.values()):
+                    return entries
+            except ShardFormatError:
+                pass
+            return {}
+
+        with ThreadPoolExecutor(16) as pool:  # remote storage: many small reads at once
+            for counters in pool.map(finished_unit, out.glob(f"{PARTS_DIR}/unit_*.json")):
+                if counters is not None:
+                    self.counters[counters["unit"]] = counters
+            for entries in pool.map(written_shards, out.glob(f"{PARTS_DIR}/shards_*.json")):
+                self.shards.update(entries)
+        self.resumed = {"units": len(self.counters), "shards": len(self.shards)}
+
+    # ---- workers -----------------------------------------------------------------------------------------
+    def start_workers(self, columns: list[str]) -> None:
+        """Start the actors and wait until each has built its tokenizer; fail fast, or after
+        --start-timeout, with one line if the cluster cannot host them."""
+        ray, config = self.ray, self.config
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        if config.node_resource:
+            nodes = [n for n in nodes if n["Resources"].get(config.node_resource, 0) > 0]
+        node_cpus = [n["Resources"].get("CPU", 0) for n in nodes]
+        num_workers = config.num_workers or int(sum(node_cpus))
+        if num_workers < 1:
+            where = f"no node with the resource {config.node_resource!r} is up yet" if config.node_resource \
+                else "the Ray cluster has no CPUs"
+            raise InputError(f"--num-workers: {where} to count; give --num-workers")
+        cpus = config.cpus_per_worker or min(1.0, sum(node_cpus) / num_workers)
+        largest = max(node_cpus, default=0)
+        if cpus > largest:
+            if not config.node_resource:  # no autoscaler adds nodes the job did not ask for by resource
+                raise InputError(f"--cpus-per-worker {cpus:g}: no node of the cluster has that many CPUs "
+                                 f"(the largest has {largest:g}); a worker could never start")
+            print(f"note: no node with {config.node_resource!r} and {cpus:g} CPUs is up; waiting up to "
+                  f"{config.start_timeout:g}s for the autoscaler to start one", flush=True)
+        job = EncodeJob(self.inputs, self.out, config.filters, columns, config.batch_size)
+        self.new_worker = functools.partial(
+            ray.remote(TokenizeWorker).options(num_cpus=cpus, **self.remote_args).remote, ray.put(job))
+        workers = [self.new_worker() for _ in range(num_workers)]
+        asked = {w.ready.remote(): w for w in workers}
+        ready, waiting = ray.wait(list(asked), num_returns=len(asked), timeout=config.start_timeout)
+        self.workers = [asked[ref] for ref in ready]
+        for ref in ready:
+            self._result(ref)  # a worker that failed to build its tokenizer (e.g. no vocab) raises here
+        for ref in waiting:
+            ray.kill(asked[ref])
+        if not self.workers:
+            raise InputError(f"no tokenizer worker started within --start-timeout {config.start_timeout:g}s: each "
+                             f"needs {cpus:g} CPU{' and ' + config.node_resource if config.node_resource else ''}, "
+                             "which no node offers (see --cpus-per-worker, --node-resource)")
+        if waiting:
+            print(f"note: {len(waiting)} of {num_workers} workers did not start within {config.start_timeout:g}s; "
+                  f"going on with {len(self.workers)}", flush=True)
+        self.calls = dict.fromkeys(self.workers, 0)
+        self.num_workers = len(self.workers)
+        hosts = set(ray.get(ready))
+        print(f"workers: {self.num_workers} x {cpus:g} CPU on {len(hosts)} node(s)", flush=True)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            self.ray.kill(worker)
+        self.workers, self.pending = [], {}
+
+    def _result(self, ref):
+        """ray.get, but an InputError raised in a worker comes back as itself: one line naming the file."""
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, (InputError, ShardFormatError)):
+                raise err.cause from None
+            raise
+
+    def _replace(self, lost):
+        """A worker died (its node went away, or it ran out of memory): start another in its place."""
+        self.replacements += 1
+        if self.replacements > MAX_WORKER_REPLACEMENTS * len(self.workers):
+            raise RuntimeError(f"tokenizer workers died {self.replacements} times; giving up")
+        print("note: a tokenizer worker died; starting another in its place", flush=True)
+        worker = self.new_worker()
+        self.workers[self.workers.index(lost)] = worker
+        self.calls[worker] = self.calls.pop(lost)
+        if (reserved := self.reserved.pop(lost, None)) is not None:
+            self.todo.appendleft(reserved)
+        return worker
+
+    # ---- scheduling --------------------------------------------------------------------------------------
+    def _call(self, worker, method: str, *args, payload: tuple) -> None:
+        self.pending[getattr(worker, method).remote(*args)] = (worker, *payload)
+        self.calls[worker] += 1
+
+    def _dispatch(self, worker) -> None:
+        """Give `worker` its next unit, and tell it which one follows so it can read that one ahead."""
+        unit = self.reserved.pop(worker, None) or (self.todo.popleft() if self.todo else None)
+        if unit is None:
+            return
+        following = self.todo.popleft() if self.todo else None
+        if following is not None:
+            self.reserved[worker] = following
+        self._call(worker, "encode_unit", unit, following, payload=(unit,))
+
+    def _assemble(self, group: list[ShardPlan], duplicates: dict) -> None:
+        worker = min(self.workers, key=self.calls.__getitem__)
+        self._call(worker, "assemble_shards", self.config.prefix, group, duplicates, payload=(group, duplicates))
+
+    def _collect(self, timeout: float) -> None:
+        done, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=timeout)
+        for ref in done:
+            worker, *payload = self.pending.pop(ref)
+            self.calls[worker] -= 1
+            try:
+                result = self._result(ref)
+            except self.ray.exceptions.RayActorError:
+                worker = self._replace(worker)
+                if len(payload) == 1:
+                    self.todo.appendleft(payload[0])
+                    self._dispatch(worker)
+                else:
+                    self._assemble(*payload)
+                continue
+            if len(payload) == 1:
+                self.counters[payload[0].index] = result
+                self.tokens_this_run += result["tokens"]
+                self._dispatch(worker)
+            else:
+                self.shards.update({payload[0][0].index + k: entry for k, entry in enumerate(result)})
+
+    def _encoding(self) -> bool:
+        return any(len(payload) == 1 for _, *payload in self.pending.values())
+
+    def _launch_shards(self, final: bool) -> None:
+        """Assemble every shard whose units are all done (all remaining ones if final)."""
+        while self.ordered_units < len(self.units) and self.ordered_units in self.counters:
+            unit = self.ordered_units
+            dropped = self.duplicates.get(unit, {}).get("tokens", 0)
+            self.kept_tokens.append(self.counters[unit]["tokens"] - dropped)
+            self.ordered_units += 1
+        total = sum(self.kept_tokens)
+        size = self.config.shard_size
+        launch_until = -(-total // size) if final else total // size
+        if launch_until <= self.shards_launched:
+            return
+        plans = [plan for plan in layout_shards(self.kept_tokens, size, range(self.shards_launched, launch_until))
+                 if plan.index not in self.shards]
+        self.shards_launched = launch_until
+        for group in _consecutive_groups(plans, max(1, ASSEMBLE_TOKENS // size)):
+            units = {unit for plan in group for unit, _, _ in plan.ranges}
+            self._assemble(group, {unit: self.duplicates[unit]["files"] for unit in units & self.duplicates.keys()})
+
+    def run(self, progress: _Progress) -> dict[str, float]:
+        """Encode every unit and write every shard; returns the seconds spent encoding and finishing."""
+        started = time.monotonic()
+        self.todo = deque(unit for unit in self.units if unit.index not in self.counters)
+        for worker in self.workers:
+            self._dispatch(worker)
+        dedup = self.config.filters.dedup
+        if not dedup:
+            self._launch_shards(final=False)  # what a resumed run can assemble at once
+        while self._encoding():
+            self._collect(timeout=1.0)
+            if not dedup:
+                self._launch_shards(final=False)
+            progress.update(len(self.counters), self.tokens_this_run, time.monotonic() - started)
+        encoded = time.monotonic()
+        if dedup:
+            kept = sum(c["docs"] - sum(c["dropped"].values()) for c in self.counters.values())
+            most = 4 * len(self.workers)
+            partitions = max(1, min(most, kept // DEDUP_ROWS_PER_PARTITION))
+            self.duplicates = find_duplicates(self.out, [u.index for u in self.units], partitions, self.workers)
+        self._launch_shards(final=True)
+        while self.pending:
+            self._collect(timeout=10.0)
+        return {"tokenize_s": encoded - started, "finish_s": time.monotonic() - encoded}
+
+
+def _consecutive_groups(plans: list[ShardPlan], most: int) -> list[list[ShardPlan]]:
+    groups: list[list[ShardPlan]] = []
+    for plan in plans:
+        if groups and len(groups[-1]) < most and groups[-1][-1].index + 1 == plan.index:
+            groups[-1].append(plan)
+        else:
+            groups.append([plan])
+    return groups
+
+
+# ---- the job ---------------------------------------------------------------------------------------------------
 
 def tokenize(config: TokenizeConfig) -> dict:
     """Run the job; returns the manifest (also written to OUTPUT_DIR/manifest.json)."""
-    import ray
-
     from pipelines.cluster import connect
 
-    started = time.time()
-    out_dir = config.output_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    out = OutputDir(config.output_dir)
+    out.check_directory()
     inputs = resolve_inputs(config)
-    identity = tokenizer_identity()  # also seeds the offline vocab cache before the actors need it
+    identity = tokenizer_identity()  # also seeds the offline vocab cache before the workers need it
     fingerprint = {"inputs": inputs.paths, "shard_size": config.shard_size, "prefix": config.prefix,
                    "filters": config.filters.to_dict(), "tokenizer": identity["ranks_sha256"]}
+    try:
+        out.makedirs()
+    except OSError as err:
+        raise InputError(f"-o {out}: cannot create it ({err.strerror or err})") from err
     if config.overwrite:
-        for name in (MANIFEST_FILE, STATE_FILE, HASHES_FILE):
-            (out_dir / name).unlink(missing_ok=True)
-        _clear_outputs(out_dir, "*", keep_shards=0)
-    _refuse_unknown_shards(out_dir)
-    if manifest := _finished_manifest(out_dir, fingerprint):
+        _discard_previous_run(out)
+    _refuse_unknown_shards(out)
+    if manifest := _finished_manifest(out, fingerprint):
         print(f"already complete: {len(manifest['shards'])} shards, {manifest['total_tokens']:,} tokens "
-              f"in {out_dir} (use --overwrite to redo)")
+              f"in {out} (use --overwrite to redo)")
         return manifest
-
+    units, new_run = _load_or_plan_units(out, fingerprint, inputs, config.unit_bytes)
     for column in config.filters.threshold_columns():
         if column not in inputs.columns:
             print(f"note: the {column} filter does not apply: {inputs.paths[0]} has no {column!r} column")
-    stream = ShardStream(out_dir, config.prefix, config.shard_size, fingerprint, inputs.paths)
-    resumed_shards = stream.load_state()
-    _clear_outputs(out_dir, config.prefix, keep_shards=resumed_shards)
-    if resumed_shards:
-        print(f"resuming after {resumed_shards} verified shards in {out_dir}")
+    inputs_ready = time.monotonic()
 
-    connect(config.address)
-    cluster_cpus = ray.cluster_resources().get("CPU", 1)
-    num_workers = config.num_workers or max(1, int(cluster_cpus))
-    cpus_per_worker = config.cpus_per_worker or min(1.0, (cluster_cpus - RESERVED_CPUS) / num_workers)
-    dataset = build_dataset(inputs, stream.start, config, num_workers, cpus_per_worker)
-    tokens_this_run = 0
-    with tqdm(desc="tokenize", unit=" docs", mininterval=1.0, dynamic_ncols=True) as progress:
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4):
-            tokens_this_run += stream.add_batch(batch)
-            progress.update(batch.num_rows)
-            elapsed = max(time.time() - started, 1e-9)
-            progress.set_postfix(tokens=f"{tokens_this_run:,}", tok_s=f"{tokens_this_run / elapsed:,.0f}")
-    shards = stream.finish()
+    driver = _Driver(config, out, inputs, units)
+    progress = _Progress(len(units), 0)
+    try:
+        try:
+            connect(config.address)
+        except ConnectionError as err:
+            raise InputError(f"--address {config.address or os.environ.get('RAY_ADDRESS')}: {err}") from err
+        connected = time.monotonic()
+        driver.load_progress()
+        if driver.resumed["units"] or driver.resumed["shards"]:
+            print(f"resuming: {driver.resumed['units']}/{len(units)} units and {driver.resumed['shards']} shards "
+                  f"already written in {out}")
+        driver.start_workers(["text", *[c for c in config.filters.threshold_columns() if c in inputs.columns]])
+        workers_ready = time.monotonic()
+        timings = driver.run(progress)
+    except BaseException:
+        if new_run and not driver.counters:  # a run that failed before any progress leaves -o as it found it
+            out.remove(STATE_FILE)
+            out.remove(PARTS_DIR)
+        raise
+    finally:
+        progress.close()
+        driver.stop()
 
+    shards = [driver.shards[index] for index in range(len(driver.shards))]
+    if not shards:
+        raise InputError("no tokens to write: every document was dropped by the filters")
     total_tokens = sum(s["tokens"] for s in shards)
-    dropped = dict(zip(DROP_REASONS[1:], stream.dropped[1:].tolist(), strict=True))
-    wall = time.time() - started
+    dropped = {reason: sum(c["dropped"][reason] for c in driver.counters.values()) for reason in DROP_REASONS[1:]}
+    dropped["duplicate"] += sum(d["docs"] for d in driver.duplicates.values())  # the workers cannot know these
+    docs_read = sum(c["docs"] for c in driver.counters.values())
+    timings = {"startup_s": workers_ready - started, "inputs_s": inputs_ready - started,
+               "connect_s": connected - inputs_ready, "workers_s": workers_ready - connected, **timings}
+    warnings = []
+    if len(shards) == 1:
+        warnings.append(f"only 1 shard was written: its {total_tokens:,} tokens (fewer than --shard-size "
+                        f"{config.shard_size:,}) are all in the val shard {shards[0]['name']} and there is no train "
+                        f"shard, so training's -i would match nothing; rerun with --overwrite --shard-size "
+                        f"{_suggest_shard_size(total_tokens)}")
+    wall = time.monotonic() - started
     manifest = {
         "fingerprint": fingerprint,
         "source": config.source if config.source != "hub" else f"hf://datasets/HuggingFaceFW/fineweb-edu {config.name}",
         "inputs": inputs.paths,
-        "flags": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "flags": asdict(config),
         "tokenizer": identity,
         "shards": shards,
-        "docs": {"read": stream.docs_read, "kept": stream.docs_read - sum(dropped.values()), "dropped": dropped},
+        "docs": {"read": docs_read, "kept": docs_read - sum(dropped.values()), "dropped": dropped},
         "total_tokens": total_tokens,
-        "num_workers": num_workers,
-        "resumed_after_shards": resumed_shards,
+        "num_workers": driver.num_workers,
+        "units": len(units),
+        "resumed": driver.resumed,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "wall_time_s": round(wall, 3),
+        "warnings": warnings,
     }
-    write_json_atomically(out_dir / MANIFEST_FILE, manifest)
-    for name in (STATE_FILE, HASHES_FILE):
-        (out_dir / name).unlink(missing_ok=True)
+    out.write_json(MANIFEST_FILE, manifest)
+    out.remove(STATE_FILE)
+    out.remove(PARTS_DIR)
     drops = ", ".join(f"{k} {v:,}" for k, v in dropped.items() if v) or "none"
     print(f"wrote {len(shards)} shards (1 val + {len(shards) - 1} train), {total_tokens:,} tokens from "
-          f"{manifest['docs']['kept']:,}/{stream.docs_read:,} docs (dropped: {drops}) in {wall:.1f}s "
-          f"-> {out_dir}")
+          f"{manifest['docs']['kept']:,}/{docs_read:,} docs (dropped: {drops}) in {wall:.1f}s -> {out}")
+    rate = driver.tokens_this_run / max(timings["tokenize_s"], 1e-9)
+    print(f"start-up {timings['startup_s']:.1f}s (inputs {timings['inputs_s']:.1f}s, cluster "
+          f"{timings['connect_s']:.1f}s, workers {timings['workers_s']:.1f}s) | tokenizing "
+          f"{timings['tokenize_s']:.1f}s at {rate:,.0f} tok/s | finishing {timings['finish_s']:.1f}s")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return manifest
 
 
+# ---- command line ------------------------------------------------------------------------------------------------
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's errors print the whole usage first; a bad flag deserves one line naming it."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv: list[str] | None = None) -> TokenizeConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _OneLineParser(prog="tokenize.py", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--name", default="sample-10BT", choices=FINEWEB_EDU_SAMPLES,
                         help="FineWeb-Edu sample on the Hugging Face hub (default sample-10BT)")
     source.add_argument("--input", metavar="GLOB", help="local or cloud parquet / jsonl(.gz) files instead of the hub")
     source.add_argument("--source", choices=["demo"],
                         help="demo: an offline smoke corpus built from this Python's docs (NOT FineWeb)")
-    parser.add_argument("-o", "--output-dir", type=Path,
-                        help="where shards go (default data/edu_fineweb10B, or data/python_docs for the demo)")
+    parser.add_argument("-o", "--output-dir",
+                        help="where shards go: a directory every node sees, or an s3:// / gs:// URL "
+                             "(default data/edu_fineweb10B, or data/python_docs for the demo)")
     parser.add_argument("--prefix", help="shard name prefix (default edu_fineweb; python_docs for the demo)")
     parser.add_argument("--shard-size", type=int, help="tokens per shard (default 100,000,000; 100,000 for the demo)")
     parser.add_argument("--num-workers", type=int, help="tokenizer actors (default: the cluster's CPU count)")
     parser.add_argument("--cpus-per-worker", type=float,
-                        help="Ray CPUs per tokenizer actor (default: the cluster's CPUs less 0.2, shared)")
-    parser.add_argument("--batch-size", type=int, default=1024, help="documents per actor call")
+                        help="Ray CPUs per tokenizer actor (default: the cluster's CPUs shared, at most 1)")
+    parser.add_argument("--batch-size", type=int, default=1024, help="rows per parquet read batch")
+    parser.add_argument("--unit-bytes", type=int, default=DEFAULT_UNIT_BYTES,
+                        help="text bytes per work unit (default 16 MiB): row groups are merged or cut to this")
+    parser.add_argument("--node-resource", metavar="NAME",
+                        help="run only on nodes with this custom Ray resource, e.g. data_node (cluster.yaml's "
+                             "CPU data nodes); the job then waits for the autoscaler to start them")
+    parser.add_argument("--start-timeout", type=float, default=600.0,
+                        help="seconds to wait for the tokenizer workers to start (default 600)")
     parser.add_argument("--min-int-score", type=int, help="drop docs with int_score below this (if the column exists)")
     parser.add_argument("--min-score", type=float, help="drop docs with score below this (if the column exists)")
     parser.add_argument("--min-language-score", type=float, help="drop docs with language_score below this")
@@ -309,20 +581,19 @@ def parse_args(argv: list[str] | None = None) -> TokenizeConfig:
                            min_language_score=args.min_language_score, min_chars=args.min_chars,
                            max_chars=args.max_chars, dedup=args.dedup)
     source = "demo" if args.source else "files" if args.input else "hub"
-    try:
-        return TokenizeConfig(source=source, name=args.name, input=args.input, output_dir=args.output_dir,
-                              prefix=args.prefix, shard_size=args.shard_size, filters=filters,
-                              num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker,
-                              batch_size=args.batch_size, overwrite=args.overwrite, address=args.address)
-    except ValueError as err:
-        parser.error(str(err))
+    return TokenizeConfig(source=source, name=args.name, input=args.input, output_dir=args.output_dir,
+                          prefix=args.prefix, shard_size=args.shard_size, filters=filters,
+                          num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker,
+                          batch_size=args.batch_size, unit_bytes=args.unit_bytes, node_resource=args.node_resource,
+                          start_timeout=args.start_timeout, overwrite=args.overwrite, address=args.address)
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
+    # Ray's INFO lines (connecting, packaging the code) would bury a one-line error; the job prints its own.
+    os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
     try:
-        tokenize(config)
-    except (InputError, ShardFormatError, ValueError) as err:
+        tokenize(parse_args(argv))
+    except (InputError, ShardFormatError) as err:
         print(f"tokenize.py: error: {err}", file=sys.stderr)
         return 2
     return 0

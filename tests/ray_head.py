@@ -6,6 +6,7 @@ would stop every cluster on the machine.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -40,7 +41,8 @@ class RayHead:
 
 
 @contextmanager
-def ray_head(temp_dir: Path, *extra_args: str, num_cpus: int = 2) -> Iterator[RayHead]:
+def ray_head(temp_dir: Path, num_cpus: int = 2, system_config: dict | None = None) -> Iterator[RayHead]:
+    """The head, up once `ray job list` answers; `system_config`: Ray's `--system-config` overrides."""
     gcs, dashboard, agent, agent_grpc, metrics, runtime_env, client = free_ports(7)
     env = {**os.environ, "RAY_AUTH_MODE": "token"}  # the CLI then reads ~/.ray/auth_token
     with open(temp_dir / "ray-start.log", "w") as log:
@@ -49,7 +51,8 @@ def ray_head(temp_dir: Path, *extra_args: str, num_cpus: int = 2) -> Iterator[Ra
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
              f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
              f"--runtime-env-agent-port={runtime_env}", f"--ray-client-server-port={client}",
-             f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats", *extra_args],
+             f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+             *([f"--system-config={json.dumps(system_config)}"] if system_config else [])],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 120
@@ -65,3 +68,58 @@ def ray_head(temp_dir: Path, *extra_args: str, num_cpus: int = 2) -> Iterator[Ra
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process under it (all found before any dies, so none escapes by being
+    reparented): a node whose machine vanishes, as a reclaimed spot instance does."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            continue
+
+
+def _alive_nodes(head: RayHead) -> int:
+    """Nodes the cluster lists alive (just after the head starts its state API may answer something other
+    than JSON: asked again then)."""
+    for _ in range(30):
+        done = subprocess.run([*RAY, "list", "nodes", "--address", head.dashboard_url, "--filter", "state=ALIVE",
+                               "--format", "json"], env=head.env, capture_output=True, text=True)
+        try:
+            return len(json.loads(done.stdout))
+        except ValueError:
+            time.sleep(1)
+    raise AssertionError(f"ray list nodes: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+
+@contextmanager
+def ray_node(head: RayHead, num_cpus: int = 1) -> Iterator[subprocess.Popen]:
+    """One more node joining `head` on this machine (`ray start --address --block`, ports of its own), yielded
+    once the cluster lists it alive; its process tree is killed on exit (see kill_tree)."""
+    nodes_before = _alive_nodes(head)
+    metrics, agent, agent_grpc, runtime_env, node_manager, object_manager = free_ports(6)
+    with open(head.temp_dir / f"ray-node-{node_manager}.log", "w") as log:
+        node = subprocess.Popen(
+            [*RAY, "start", "--block", f"--address={head.gcs_address}", f"--num-cpus={num_cpus}",
+             f"--metrics-export-port={metrics}", f"--dashboard-agent-listen-port={agent}",
+             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+             f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+             "--disable-usage-stats"],
+            env=head.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    try:
+        while _alive_nodes(head) <= nodes_before:
+            assert node.poll() is None and time.monotonic() < deadline, "ray start --address did not come up"
+            time.sleep(1)
+        yield node
+    finally:
+        kill_tree(node.pid)
+        node.wait()

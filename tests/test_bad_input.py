@@ -32,6 +32,7 @@ class Case:
     id: str
     setup: Callable[[Path], list[str]]  # writes what the case needs under the directory; returns the argv
     names: str  # the stderr line must contain this (the file, flag or field at fault)
+    ray: bool = False  # the command gets --address of the session's Ray cluster (one cluster for all such cases)
 
 
 def _jsonl(directory: Path, lines: list[str], name: str = "docs.jsonl") -> Path:
@@ -131,11 +132,74 @@ def _malformed_hellaswag(tmp: Path) -> Path:
     return _jsonl(tmp, [json.dumps(good), json.dumps({**good, "label": 7})], "hellaswag.jsonl")
 
 
+def _tokenize_lines(*bad: tuple[int, bytes]) -> Callable[[Path], list[str]]:
+    """tokenize.py on a jsonl whose line N (1-based) is replaced by raw bytes: errors met inside a worker."""
+    def setup(tmp: Path) -> list[str]:
+        lines = [json.dumps({"text": f"document number {i} has a few words"}).encode() for i in range(20)]
+        for number, raw in bad:
+            lines[number - 1] = raw
+        (tmp / "in").mkdir()
+        (tmp / "in" / "docs.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
+        return ["pipelines/tokenize.py", "--input", str(tmp / "in" / "docs.jsonl"), "-o", str(tmp / "out")]
+    return setup
+
+
+def _tokenize_parquet(tmp: Path, table) -> list[str]:
+    import pyarrow.parquet as pq
+
+    (tmp / "in").mkdir()
+    pq.write_table(table, tmp / "in" / "docs.parquet", row_group_size=100, use_dictionary=False)
+    return ["pipelines/tokenize.py", "--input", str(tmp / "in" / "docs.parquet"), "-o", str(tmp / "out")]
+
+
+def _corrupt_data_page(tmp: Path) -> list[str]:
+    """A parquet file whose footer is fine and whose third row group's compressed page is not."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    argv = _tokenize_parquet(tmp, pa.table({"text": [f"document {i} " * 30 for i in range(400)]}))
+    path = tmp / "in" / "docs.parquet"
+    chunk = pq.ParquetFile(path).metadata.row_group(2).column(0)
+    data = bytearray(path.read_bytes())
+    middle = chunk.data_page_offset + chunk.total_compressed_size // 2
+    data[middle:middle + 64] = bytes(range(64))
+    path.write_bytes(bytes(data))
+    return argv
+
+
+def _numeric_text_parquet(tmp: Path) -> list[str]:
+    import pyarrow as pa
+
+    return _tokenize_parquet(tmp, pa.table({"text": list(range(10))}))
+
+
+def _output_is_a_file(tmp: Path) -> list[str]:
+    (tmp / "out").write_text("somebody's file\n")
+    return _tokenize(tmp)
+
+
 CASES = [
     Case("tokenize: llm.c shards without a manifest", _foreign_shards, "edufineweb_train_000001.bin"),
     Case("tokenize: our shards, manifest deleted", _deleted_manifest, "edu_fineweb_val_000000.bin"),
     Case("tokenize: truncated manifest.json", _truncated("manifest.json"), "manifest.json"),
     Case("tokenize: truncated tokenize_state.json", _truncated("tokenize_state.json"), "tokenize_state.json"),
+    Case("tokenize: --shard-size 0", lambda tmp: _tokenize(tmp, "--shard-size", "0"), "--shard-size"),
+    Case("tokenize: --shard-size past the int32 header", lambda tmp: _tokenize(tmp, "--shard-size", "3000000000"),
+         "--shard-size"),
+    Case("tokenize: --shard-size abc", lambda tmp: _tokenize(tmp, "--shard-size", "abc"), "--shard-size"),
+    Case("tokenize: --num-workers 0", lambda tmp: _tokenize(tmp, "--num-workers", "0"), "--num-workers"),
+    Case("tokenize: --batch-size 0", lambda tmp: _tokenize(tmp, "--batch-size", "0"), "--batch-size"),
+    Case("tokenize: -o is a file", _output_is_a_file, "-o "),
+    Case("tokenize: parquet text column of ints", _numeric_text_parquet, "docs.parquet: column 'text' is int64"),
+    Case("tokenize: malformed jsonl line", _tokenize_lines((7, b'{"text": "cut off')), "docs.jsonl: line 7", ray=True),
+    Case("tokenize: non-UTF-8 jsonl line", _tokenize_lines((4, b'{"text": "caf\xe9"}')), "docs.jsonl: line 4",
+         ray=True),
+    Case("tokenize: jsonl text that is a number", _tokenize_lines((5, b'{"text": 42}')), "docs.jsonl: line 5",
+         ray=True),
+    Case("tokenize: corrupt parquet data page", _corrupt_data_page, "docs.parquet: row group 2 (rows 200-299)",
+         ray=True),
+    Case("tokenize: --cpus-per-worker beyond any node", lambda tmp: _tokenize(tmp, "--cpus-per-worker", "64"),
+         "--cpus-per-worker 64", ray=True),
     Case("train.py: fresh run into a used -o", _used_output_dir("training/train.py"), "-y 1"),
     Case("run.py: fresh run into a used -o", _used_output_dir("training/run.py"), "-y 1"),
     Case("train.py: -y 1 with another -l", _resume_with_other_flags, "-l 0.001 -> 0.5"),
@@ -160,6 +224,23 @@ CASES = [
     Case("run.py: -h 1 with a malformed --hellaswag-file",
          lambda tmp: ["training/run.py", *_engine_flags(_shards(tmp), tmp / "run", "-h", "1", "--hellaswag-file",
                                                         str(_malformed_hellaswag(tmp)))], "hellaswag.jsonl:2"),
+    Case("train.py: --resume-from a missing directory", _engine("training/train.py", "--resume-from", "/nowhere/ckpt"),
+         "/nowhere/ckpt"),
+    Case("train.py: -t beyond the model's context", _engine("training/train.py", "-t", "2048"), "-t 2048"),
+    Case("train.py: -x -5", _engine("training/train.py", "-x", "-5"), "-x -5"),
+    Case("train.py: -i matches nothing", lambda tmp: ["training/train.py", "-i", str(tmp / "none_*.bin"), "-j", ""],
+         "-i "),
+    Case("plot.py: a directory without main.log", lambda tmp: ["training/plot.py", str(tmp)], "main.log"),
+    Case("export.py: nothing to do", lambda tmp: ["training/export.py", str(tmp)], "--llmc"),
+    Case("hellaswag.py: --tasks -1", lambda tmp: ["evals/hellaswag.py", "--checkpoint", str(tmp), "--tasks", "-1"],
+         "--tasks"),
+    Case("hellaswag.py: --batch-tokens 0", lambda tmp: ["evals/hellaswag.py", "--checkpoint", str(tmp),
+                                                        "--batch-tokens", "0"], "--batch-tokens"),
+    Case("run.py: --workers 0", _engine("training/run.py", "--workers", "0"), "--workers"),
+    Case("run.py: --eval-tasks 0", _engine("training/run.py", "-h", "1", "--eval-tasks", "0"), "--eval-tasks"),
+    Case("run.py: no such --hellaswag-file", _engine("training/run.py", "-h", "1", "--hellaswag-file", "/no/hs.jsonl"),
+         "/no/hs.jsonl"),
+    Case("run.py: -d that does not split into micro-batches", _engine("training/run.py", "-d", "1000"), "-d 1000"),
     Case("run.py: more workers than the local cluster holds", _engine("training/run.py", "--workers", "64"),
          "--workers 64"),
 ]
@@ -171,8 +252,10 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_nothing_changes(case, tmp_path):
+def test_bad_input_is_one_line_exit_2_and_nothing_changes(case, tmp_path, request):
     argv = case.setup(tmp_path)
+    if case.ray:
+        argv += ["--address", request.getfixturevalue("ray_cluster").get_runtime_context().gcs_address]
     before = _snapshot(tmp_path)
     done = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from evals.hellaswag import main
 from evals.hellaswag_data import EVAL_MAGIC, Example, HellaSwagFormatError, load_examples, read_jsonl
-from evals.parallel import ConcurrentEvals, launch, prepare, spare_resources
+from evals.parallel import ConcurrentEvals, WeightsSnapshot, launch, prepare
 from evals.scoring import evaluate, plan_batches, score_batches, summarize
 from gpt2.checkpoint import save_checkpoint
 from gpt2.interop import ModelSourceError, export_hf, load_gpt, write_llmc
@@ -231,18 +231,21 @@ def test_ray_result_is_identical_for_any_k(ray_cluster, model, checkpoint, data_
 
 
 def test_evals_run_while_a_training_loop_continues(ray_cluster, data_file, tmp_path):
-    """A stand-in for training/run.py: checkpoints every 3 steps, evals in flight, polled once per step."""
+    """A stand-in for training/run.py: a weights snapshot every 3 steps, one eval in flight at a time, the
+    loop polling once per step."""
     model = random_model(seed=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = torch.randint(0, 50257, (4, 33), generator=torch.Generator().manual_seed(0))
     out = tmp_path / "run"
-    assert spare_resources(tasks=2)
-    evals = ConcurrentEvals(prepare(data_file, tasks=2, batch_tokens=600), out / "main.log")
-    step_times, submit_seconds, checkpoints, handles = [], [], {}, {}
+    results, skipped = {}, {}
+    evals = ConcurrentEvals(prepare(data_file, tasks=2, batch_tokens=600), out / "main.log",
+                            report=lambda step, result, handle: results.update({step: (result, handle)}),
+                            on_skip=lambda step, reason: skipped.update({step: reason}))
+    step_times, submit_seconds, checkpoints = [], [], {}
     step = 0
-    # Checkpoints at steps 3..12; training goes on past 12 until an eval has come back (bounded), as a
+    # Snapshots at steps 3..12; training goes on past 12 until an eval has come back (bounded), as a
     # longer run would, so the test sees results collected mid-training.
-    while step < 12 or (not evals.results and step < 2000):
+    while step < 12 or (not results and step < 2000):
         step += 1
         loss = model(batch[:, :-1], batch[:, 1:])
         loss.backward()
@@ -250,19 +253,20 @@ def test_evals_run_while_a_training_loop_continues(ray_cluster, data_file, tmp_p
         optimizer.zero_grad()
         step_times.append(time.time())
         if step % 3 == 0 and step <= 12:
-            checkpoints[step] = save_model(model, out, step)
+            checkpoints[step] = save_model(model, out, step)  # the reference below scores these
             started = time.perf_counter()
-            handles[step] = evals.submit(step, checkpoints[step])
+            evals.submit(step, WeightsSnapshot.of(model, torch.float32))
             submit_seconds.append(time.perf_counter() - started)
         evals.poll()
-    assert evals.results, "no eval finished while training went on"
-    evals.drain(timeout=120)
-    assert max(submit_seconds) < 1.0  # submitting does not wait for the eval
+    assert results, "no eval finished while training went on"
+    evals.finish()
+    assert not evals.pending and max(submit_seconds) < 1.0  # submitting does not wait for the eval
+    assert 12 in results and sorted([*results, *skipped]) == [3, 6, 9, 12]
     lines = (out / "main.log").read_text().splitlines()
-    assert [line.split()[0] for line in lines] == ["s:3", "s:6", "s:9", "s:12"]
-    for step, path in checkpoints.items():  # each line is its own checkpoint's result
-        expected = evaluate(load_gpt(path), read_jsonl(data_file), batch_tokens=600)
-        assert evals.results[step] == expected and f"s:{step} eval:{expected['acc_norm']:.6f}" in lines
+    assert [line.split()[0] for line in lines] == [f"s:{s}" for s in sorted(results)]
+    for step, (result, _) in results.items():  # each line is its own snapshot's result
+        expected = evaluate(load_gpt(checkpoints[step]), read_jsonl(data_file), batch_tokens=600)
+        assert result == expected and f"s:{step} eval:{expected['acc_norm']:.6f}" in lines
     # Concurrency by timestamps: training steps completed while eval tasks were running.
-    spans = [span for handle in handles.values() for span in handle.task_spans]
+    spans = [span for _, handle in results.values() for span in handle.task_spans]
     assert sum(any(start < t < end for start, end in spans) for t in step_times) >= 3

@@ -1,12 +1,12 @@
-"""Monitoring on a real `ray start --head`: Debian's Prometheus scraping a run.py run's gauges, the Grafana
-dashboard's queries against it, `python -m training.monitor install`, the Train state API, the driver log.
+"""Monitoring on a real `ray start --head`: `python -m training.monitor install` with Debian's Prometheus
+scraping a run.py run's gauges, every query of the Grafana dashboard against it, the Train state API, and
+the run's driver log.
 
-One 2-worker run (-h 1, ~1 min) serves every test. The head exports metrics every 2 s instead of Ray's 10 s
+One 2-worker run (-h 1) serves the tests. The head exports metrics every 2 s instead of Ray's 10 s
 (`metrics_report_interval_ms`) and Prometheus scrapes every 1 s, so a series missing from one export shows.
 """
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -15,18 +15,20 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.ray_head import free_ports, ray_head
+from tests.ray_head import RAY, free_ports, ray_head
 from tests.test_train import make_shards
 from training.gauges import SERIES
 from training.monitor import (
     CORE_DASHBOARD_FILE_NAME,
     DASHBOARD_FILE_NAME,
     DASHBOARD_JSON,
-    FIRST_PANEL_ID,
+    PANEL_IDS,
     dashboard_json,
     install,
 )
@@ -34,37 +36,75 @@ from training.monitor import (
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "evals" / "data" / "hellaswag_smoke.jsonl"
 RUN_NAME = "monitored"
-# Val loss and HellaSwag change every -v steps only: the steps between are what must stay visible.
-STEPS, EVERY = 300, 150
+STEPS, EVERY = 100, 50
 EXPORT_INTERVAL_S = 2
-SCRAPE_INTERVAL_S = 1
 # On CPU the engine has no peak FLOPs to divide by: MFU is never set, so its series and panel stay empty.
 NOT_ON_CPU = {"raygpt2_mfu"}
+# Ray drops a gauge ~20 s after it was last set; this one is set once and must stay well past that.
+PROBE_RUN, PROBE_VALUE, PROBE_WATCH_S = "keep-alive-probe", 2.5, 35
+PROBE = f"""
+import sys, time
+import ray
+from training.gauges import RunGauges
+ray.init(address=sys.argv[1])
+RunGauges({PROBE_RUN!r}).update({{"val_loss": {PROBE_VALUE}}})
+print("set", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_checked_in_dashboard_is_the_generated_one():
+    assert DASHBOARD_JSON.read_text() == dashboard_json(), "run `python -m training.monitor dashboard`"
 
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     if not shutil.which("prometheus"):
-        pytest.fail("Debian's prometheus is not installed: `make system-deps` (run by `make test`) installs it")
+        pytest.fail("Debian's prometheus is not installed: `make system-deps` (part of `make test`) installs it")
     # 4 logical CPUs: 2 workers x 1 and 2 HellaSwag tasks x 0.5.
-    with ray_head(tmp_path_factory.mktemp("ray"),
-                  f'--system-config={{"metrics_report_interval_ms": {EXPORT_INTERVAL_S * 1000}}}', num_cpus=4) as head:
+    with ray_head(tmp_path_factory.mktemp("ray"), num_cpus=4,
+                  system_config={"metrics_report_interval_ms": EXPORT_INTERVAL_S * 1000}) as head:
         yield head
 
 
 @pytest.fixture(scope="module")
 def prometheus(head):
-    """`python -m training.monitor install` on the head, Prometheus at a free loopback port, Grafana off."""
+    """`install` on the head as a user runs it, with Prometheus at a free loopback port and no Grafana."""
     (port,) = free_ports(1)
-    os.environ["RAY_PROMETHEUS_HOST"] = url = f"http://127.0.0.1:{port}"
-    try:
-        servers = install(head.temp_dir, grafana=False, scrape_interval=f"{SCRAPE_INTERVAL_S}s")
-    finally:
-        del os.environ["RAY_PROMETHEUS_HOST"]
-    assert len(servers) == 1
+    url = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_PROMETHEUS_HOST", url)  # where the Ray dashboard would look for it
+        (server,) = install(head.temp_dir, grafana=False, scrape_interval="1s")
     yield url
-    os.killpg(servers[0].pid, signal.SIGTERM)
-    servers[0].wait(timeout=30)
+    server.send_signal(signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def probe(head, prometheus):
+    """A driver on the head that sets one gauge once, then idles through the run."""
+    driver = subprocess.Popen([sys.executable, "-c", PROBE, head.gcs_address], cwd=REPO, env=head.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert driver.stdout.readline() == "set\n"
+    yield time.time()
+    driver.terminate()
+    driver.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def run(head, prometheus, probe, tmp_path_factory):
+    """run.py against the head as a user runs it (`--address`); its output is the driver log."""
+    data = make_shards(tmp_path_factory.mktemp("shards"), tokens_per_shard=20_000)
+    started = time.time()
+    driver = subprocess.run(
+        [sys.executable, "training/run.py", "--address", head.gcs_address, "--workers", "2", "--cpus-per-worker",
+         "1", "-i", str(data / "*_train_*.bin"), "-j", str(data / "*_val_*.bin"),
+         "-o", str(tmp_path_factory.mktemp("runs") / RUN_NAME), "-e", "L2H2C64", "-b", "2", "-t", "32",
+         "-x", str(STEPS), "-v", str(EVERY), "-m", "2", "-s", str(EVERY), "-g", "8", "-h", "1",
+         "--hellaswag-file", str(SMOKE), "--gpu-hour-usd", "1.0"],
+        cwd=REPO, env=head.env, capture_output=True, text=True, timeout=600)
+    assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:]
+    return {"log": driver.stdout + driver.stderr, "started": started}
 
 
 def query(prometheus: str, promql: str, at: float) -> list[dict]:
@@ -75,64 +115,132 @@ def query(prometheus: str, promql: str, at: float) -> list[dict]:
     return body["data"]["result"]
 
 
-@pytest.fixture(scope="module")
-def run(head, prometheus, tmp_path_factory):
-    """run.py on the head as a user runs it (`--address`); its output is the driver log."""
-    data = make_shards(tmp_path_factory.mktemp("shards"), tokens_per_shard=20_000)
-    out = tmp_path_factory.mktemp("runs") / RUN_NAME
-    started = time.time()
-    driver = subprocess.run(
-        [sys.executable, "training/run.py", "--address", head.gcs_address, "--workers", "2", "--cpus-per-worker",
-         "1", "-i", str(data / "*_train_*.bin"), "-j", str(data / "*_val_*.bin"), "-o", str(out), "-e", "L2H2C64",
-         "-b", "4", "-t", "64", "-x", str(STEPS), "-v", str(EVERY), "-m", "2", "-s", str(EVERY), "-g", "8",
-         "-h", "1", "--hellaswag-file", str(SMOKE), "--gpu-hour-usd", "1.0"],
-        cwd=REPO, env=head.env, capture_output=True, text=True, timeout=600)
-    assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:]
-    return {"log": driver.stdout + driver.stderr, "started": started, "ended": time.time(), "out": out}
-
-
-def samples(prometheus: str, selector: str, run: dict) -> dict[str, list[tuple[float, float]]]:
-    """Every raw sample Prometheus stored during the run, per metric name (one series each)."""
-    window = int(time.time() - run["started"]) + 5
+def stored(prometheus: str, selector: str, since: float) -> dict[str, list[tuple[float, float]]]:
+    """Every raw sample Prometheus stored since `since`, per metric name (one series each)."""
+    now = time.time()
     by_name = {}
-    for series in query(prometheus, f"{selector}[{window}s]", time.time()):
+    for series in query(prometheus, f"{selector}[{int(now - since) + 5}s]", now):
         name = series["metric"]["__name__"]
         assert name not in by_name, f"{name}: more than one series: {series['metric']}"
         by_name[name] = [(float(t), float(v)) for t, v in series["values"]]
     return by_name
 
 
+def successful_scrapes(prometheus: str, head, since: float) -> list[float]:
+    """When Prometheus scraped the head's metrics export and got an answer (a failed scrape is no gap of ours)."""
+    up = stored(prometheus, f'up{{instance=~".+:{head.metrics_export_port}"}}', since)["up"]
+    return [t for t, value in up if value == 1]
+
+
+def assert_in_every_scrape(name: str, values: list[tuple[float, float]], scrapes: list[float], until: float):
+    present = {t for t, _ in values}
+    missing = [round(t - values[0][0], 1) for t in scrapes if values[0][0] <= t <= until and t not in present]
+    assert not missing, f"{name} missing from the scrapes {missing} s after it first appeared"
+
+
+def test_install_provisions_the_dashboard_and_rows_on_the_metrics_tab(head, prometheus):
+    folder = next(head.temp_dir.glob("session_*/metrics/grafana/dashboards"))
+    assert (folder / DASHBOARD_FILE_NAME).read_text() == dashboard_json()
+    core_file = folder / CORE_DASHBOARD_FILE_NAME
+    core = json.loads(core_file.read_text())
+    assert core["uid"] == "rayDefaultDashboard"  # still the one the Metrics tab embeds
+    ours = [p for p in core["panels"] if p["id"] in PANEL_IDS]
+    assert ours == json.loads(dashboard_json())["panels"] and core["panels"][:len(ours)] == ours
+    boxes = [(p["gridPos"]["x"], p["gridPos"]["y"], p["gridPos"]["w"], p["gridPos"]["h"]) for p in core["panels"]]
+    cells = Counter((x + dx, y + dy) for x, y, w, h in boxes for dx in range(w) for dy in range(h))
+    assert max(cells.values()) == 1, "panels overlap"
+    assert len({p["id"] for p in core["panels"]}) == len(core["panels"])
+    assert [v["name"] for v in core["templating"]["list"]].count("run") == 1
+    # Again from the command line: the same files (nothing added twice), no server started.
+    again = subprocess.run([sys.executable, "-m", "training.monitor", "install", "--temp-dir", str(head.temp_dir),
+                            "--no-prometheus", "--no-grafana"], cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(core_file.read_text()) == core
+
+
 def test_every_series_is_in_every_scrape_while_the_run_is_alive(head, prometheus, run):
-    gauges = samples(prometheus, f'{{__name__=~"ray_raygpt2_.+", run="{RUN_NAME}"}}', run)
+    gauges = stored(prometheus, f'{{__name__=~"ray_raygpt2_.+", run="{RUN_NAME}"}}', run["started"])
     assert set(gauges) == {f"ray_{s.name}" for s in SERIES if s.name not in NOT_ON_CPU}
-    # The scrapes of the head's metrics export that succeeded (a failed one would be no fault of ours).
-    target = f'up{{instance=~".+:{head.metrics_export_port}"}}'
-    scrapes = [t for t, up in samples(prometheus, target, run)["up"] if up == 1]
     steps = gauges["ray_raygpt2_step"]
-    alive = [t for t in scrapes if steps[0][0] <= t <= steps[-1][0]]
-    assert steps[-1][1] == STEPS and len(alive) > 40, (steps[-1], len(alive))
+    assert steps[-1][1] == STEPS
+    scrapes = successful_scrapes(prometheus, head, run["started"])
+    assert len([t for t in scrapes if steps[0][0] <= t <= steps[-1][0]]) >= 10
     for name, values in gauges.items():
-        present = {t for t, _ in values}
-        missing = [round(t - steps[0][0], 1) for t in alive if t >= values[0][0] and t not in present]
-        assert not missing, f"{name} missing from scrapes at {missing} s into the run"
-        assert values[-1][0] == steps[-1][0], f"{name} ended before the run did"
-    for name in ("train_loss", "lr", "grad_norm", "tokens_per_second", "val_loss", "elapsed_seconds"):
-        assert gauges[f"ray_raygpt2_{name}"][0][0] - steps[0][0] <= 2 * EXPORT_INTERVAL_S, name
-    # Val loss is set at steps 0, 150 and 300 only: it must have stayed in the export for longer than the
-    # ~20 s after which Ray drops a gauge that is not set again, or this test proves nothing.
-    unchanged = _longest_constant_stretch(gauges["ray_raygpt2_val_loss"])
-    assert unchanged > 25, f"val loss stayed {unchanged:.0f} s only: the run is too short to show a gap"
+        assert_in_every_scrape(name, values, scrapes, until=steps[-1][0])
+        assert values[-1][0] == steps[-1][0], f"{name} left the export before the run ended"
+    for name in ("train_loss", "val_loss", "lr", "grad_norm", "tokens_per_second", "elapsed_seconds"):
+        assert gauges[f"ray_raygpt2_{name}"][0][0] <= steps[0][0] + 2 * EXPORT_INTERVAL_S, f"{name} came late"
 
 
-def _longest_constant_stretch(values: list[tuple[float, float]]) -> float:
-    longest, since = 0.0, values[0]
-    for t, v in values:
-        if v != since[1]:
-            since = (t, v)
-        longest = max(longest, t - since[0])
-    return longest
+def test_a_value_set_once_stays_in_the_export(prometheus, head, probe, run):
+    time.sleep(max(0.0, probe + PROBE_WATCH_S - time.time()))  # the run usually took longer already
+    (values,) = stored(prometheus, f'ray_raygpt2_val_loss{{run="{PROBE_RUN}"}}', probe - 5).values()
+    assert {value for _, value in values} == {PROBE_VALUE}
+    scrapes = successful_scrapes(prometheus, head, probe - 5)
+    assert_in_every_scrape("the probe's val loss", values, scrapes, until=scrapes[-1])
+    assert values[-1][0] - values[0][0] > PROBE_WATCH_S - 2 * EXPORT_INTERVAL_S
 
 
-def test_zz_debug_dump(run):
-    Path("/tmp/monexp/driver.log").write_text(run["log"])
-    print("run seconds", run["ended"] - run["started"])
+def test_every_dashboard_query_returns_data(prometheus, run):
+    at = max(t for t, _ in stored(prometheus, f'ray_raygpt2_step{{run="{RUN_NAME}"}}', run["started"])
+             ["ray_raygpt2_step"])
+    panels = json.loads(DASHBOARD_JSON.read_text())["panels"]
+    targets = [(panel["title"], target["expr"]) for panel in panels for target in panel.get("targets", [])]
+    assert len(targets) == len(SERIES)
+    values = {}
+    for title, expr in targets:
+        promql = expr.replace("$SessionName", ".+").replace("$run", RUN_NAME)  # Grafana's "All" and one run
+        result = query(prometheus, promql, at)
+        if any(f"ray_{name}{{" in expr for name in NOT_ON_CPU):
+            assert result == [], title
+        else:
+            assert [r["metric"] for r in result] == [{"run": RUN_NAME}], (title, expr)
+            values[re.search(r"ray_(\w+)\{", expr)[1]] = float(result[0]["value"][1])
+    assert values["raygpt2_step"] == STEPS and values["raygpt2_val_loss"] > 0
+    assert 0 <= values["raygpt2_hellaswag_acc_norm"] <= 1 and values["raygpt2_estimated_cost_usd"] > 0
+    # The template variables' label_values(metric, label), as Grafana asks Prometheus for them.
+    variables = {v["name"]: v["query"]["query"] for v in json.loads(DASHBOARD_JSON.read_text())["templating"]["list"]
+                 if v["type"] == "query"}
+    assert set(variables) == {"SessionName", "run"}
+    for name, label_values in variables.items():
+        metric, label = re.fullmatch(r"label_values\((.+), (\w+)\)", label_values).groups()
+        params = urllib.parse.urlencode({"match[]": metric.replace("$SessionName", ".+"), "start": at - 60})
+        with urllib.request.urlopen(f"{prometheus}/api/v1/label/{label}/values?{params}", timeout=30) as response:
+            found = json.load(response)["data"]
+        assert found and (name != "run" or RUN_NAME in found), (name, found)
+
+
+def test_train_state_api_shows_the_run(head, run):
+    token = subprocess.run([*RAY, "get-auth-token"], env=head.env, capture_output=True, text=True).stdout.strip()
+    request = urllib.request.Request(f"{head.dashboard_url}/api/train/v2/runs/v1",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        runs = [r for r in json.load(response)["train_runs"] if r["name"] == RUN_NAME]
+    assert len(runs) == 1 and runs[0]["status"] == "FINISHED", runs
+    assert sorted(w["world_rank"] for w in runs[0]["attempts"][-1]["workers"]) == [0, 1]
+
+
+def test_driver_log_is_the_engine_console_once_without_ray_train_report_lines(run):
+    log = run["log"]
+    assert "Reporting training result" not in log and "[repeated" not in log
+    engine = [re.sub(r"^(\x1b\[\d+m)?\(RayTrainWorker pid=\d+(, ip=[\d.]+)?\)(\x1b\[0m)? ", "", line)
+              for line in log.splitlines() if "RayTrainWorker pid=" in line]
+    steps = [int(m[1]) for line in engine if (m := re.match(rf"step +(\d+)/{STEPS} \| loss", line))]
+    assert steps == list(range(1, STEPS + 1))
+    assert sum(line.startswith("val loss ") for line in engine) == 3  # steps 0, 50 and 100
+    assert sum(line == "generating:" for line in engine) == 2
+    for step in (EVERY, STEPS):
+        assert sum(line.startswith(f"step {step} | hellaswag acc_norm") for line in engine) == 1
+        assert sum(line.startswith(f"progress {step}/{STEPS} steps") for line in engine) == 1
+    sample_markup = {"generating:", "---"}  # around each sample's text
+    repeated = [line for line, count in Counter(engine).items() if count > 1 and line not in sample_markup]
+    assert not repeated, repeated
+
+
+def test_cluster_yaml_head_runs_prometheus_and_grafana_with_the_dashboard():
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    setup = " ".join(config["head_setup_commands"])
+    assert "apt-get install" in setup and " prometheus" in setup and "install -y -qq grafana" in setup
+    start = config["head_start_ray_commands"]
+    head_start = next(i for i, command in enumerate(start) if "ray start --head" in command)
+    assert start.index("python -m training.monitor install") > head_start  # after Ray wrote the session's files

@@ -3,6 +3,8 @@
 import gzip
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,12 +15,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.dedup import HASH_ROW, duplicate_docs, find_duplicates
+from pipelines.encode import EncodeJob
+from pipelines.files import atomic_write
 from pipelines.filters import FilterConfig
 from pipelines.shards import file_sha256, read_header, read_shard
-from pipelines.sources import InputError
+from pipelines.sources import InputError, files_from_glob
 from pipelines.tokenize import TokenizeConfig, tokenize
 from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
-from pipelines.writer import STATE_FILE
+from pipelines.workdir import PARTS_DIR, STATE_FILE, OutputDir, unit_file
+from pipelines.worker import TokenizeWorker
 from tests.conftest import REPO
 
 WORDS = ("the model reads tokens from shards and learns to predict the next one while the optimizer "
@@ -34,7 +40,8 @@ def make_documents(count: int, seed: int, mean_words: int = 60) -> list[dict]:
         docs.append({"text": text, "int_score": int(rng.integers(1, 6)), "score": float(rng.uniform(1, 5)),
                      "language_score": float(rng.uniform(0.5, 1.0))})
     docs[5]["text"] = "   \n "  # whitespace only
-    docs[7]["text"] = docs[3]["text"]  # an exact duplicate
+    docs[7]["text"] = docs[3]["text"]  # exact duplicates, one in another file
+    docs[250]["text"] = docs[3]["text"]
     return docs
 
 
@@ -52,6 +59,13 @@ def expected_stream(docs) -> np.ndarray:
     return np.array([t for d in docs for t in [EOT_TOKEN, *encode(d["text"])]], dtype=np.uint16)
 
 
+def llmc_shard(tokens: np.ndarray) -> bytes:
+    """An llm.c shard written independently of pipelines.shards: 256 int32 header, then uint16 tokens."""
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (20240520, 1, tokens.size)
+    return header.tobytes() + tokens.astype("<u2").tobytes()
+
+
 def shard_paths(manifest, out_dir):
     return [out_dir / s["name"] for s in manifest["shards"]]
 
@@ -60,34 +74,47 @@ def all_tokens(manifest, out_dir) -> np.ndarray:
     return np.concatenate([np.asarray(read_shard(p)) for p in shard_paths(manifest, out_dir)])
 
 
+def sha256s(manifest) -> list[str]:
+    return [s["sha256"] for s in manifest["shards"]]
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     docs = make_documents(300, seed=1)
     return docs, write_parquet_files(tmp_path_factory.mktemp("raw"), docs)
 
 
+@pytest.fixture(scope="module")
+def reference(ray_cluster, corpus, tmp_path_factory):
+    """The corpus tokenized with the settings of run(): (manifest, output directory)."""
+    out = tmp_path_factory.mktemp("reference")
+    return run(corpus[1], out), out
+
+
 def run(pattern, out_dir, **overrides) -> dict:
+    # small units: every 40-row row group (~16 kB of text) is cut in parts, and units cross files
     settings = {"source": "files", "input": pattern, "output_dir": out_dir, "shard_size": 3000, "num_workers": 2,
-                "batch_size": 64, **overrides}
+                "batch_size": 64, "unit_bytes": 5000, **overrides}
     return tokenize(TokenizeConfig(**settings))
 
 
-def test_every_document_lands_eot_first_in_fixed_size_shards(ray_cluster, corpus, tmp_path):
-    docs, pattern = corpus
-    manifest = run(pattern, tmp_path)
-    kept = [d for d in docs if d["text"].strip()]
-    np.testing.assert_array_equal(all_tokens(manifest, tmp_path), expected_stream(kept))
-    sizes = [read_header(p) for p in shard_paths(manifest, tmp_path)]
-    assert all(size == 3000 for size in sizes[:-1]) and 0 < sizes[-1] <= 3000
+def test_shards_are_byte_identical_to_an_independent_writer(corpus, reference):
+    docs, _ = corpus
+    manifest, out = reference
+    stream = expected_stream([d for d in docs if d["text"].strip()])
+    paths = shard_paths(manifest, out)
+    assert len(paths) == -(-stream.size // 3000) > 3
+    for index, path in enumerate(paths):
+        assert path.read_bytes() == llmc_shard(stream[index * 3000:(index + 1) * 3000]), path
     names = [s["name"] for s in manifest["shards"]]
     assert names[0] == "edu_fineweb_val_000000.bin"
     assert names[1:] == [f"edu_fineweb_train_{i:06d}.bin" for i in range(1, len(names))]
-    assert [s["sha256"] for s in manifest["shards"]] == [file_sha256(p) for p in shard_paths(manifest, tmp_path)]
-    assert manifest["total_tokens"] == sum(sizes)
+    assert sha256s(manifest) == [file_sha256(p) for p in paths]
+    assert manifest["total_tokens"] == stream.size and manifest["units"] > 10
     assert manifest["docs"] == {"read": 300, "kept": 299, "dropped": {
         "empty": 1, "int_score": 0, "score": 0, "language_score": 0, "min_chars": 0, "max_chars": 0, "duplicate": 0}}
-    assert json.loads((tmp_path / "manifest.json").read_text())["tokenizer"]["name"] == "gpt2"
-    assert not (tmp_path / STATE_FILE).exists()
+    assert json.loads((out / "manifest.json").read_text())["tokenizer"]["name"] == "gpt2"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "manifest.json"])  # no parts, no state
 
 
 def test_filters_and_dedup_are_counted(ray_cluster, corpus, tmp_path):
@@ -111,33 +138,86 @@ def test_filters_and_dedup_are_counted(ray_cluster, corpus, tmp_path):
     np.testing.assert_array_equal(all_tokens(manifest, tmp_path), expected_stream(expected_kept))
 
 
-def test_bytes_do_not_depend_on_parallelism(ray_cluster, corpus, tmp_path):
+def test_dedup_shuffle_keeps_the_first_copy_in_input_order(ray_cluster, corpus, tmp_path):
+    """The hash shuffle over several partitions and workers equals one sequential pass."""
+    out = OutputDir(tmp_path)
+    out.makedirs(PARTS_DIR)
+    rng = np.random.default_rng(3)
+    units, seen, expected = 7, set(), {}
+    for unit in range(units):
+        rows = np.zeros(int(rng.integers(0, 60)), dtype=HASH_ROW)
+        rows["hash"] = rng.integers(0, 40, rows.size).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        rows["unit"], rows["doc"], rows["tokens"] = unit, np.arange(rows.size), rng.integers(1, 9, rows.size)
+        with atomic_write(out.path(unit_file(unit, "hashes.npy"))) as f:
+            np.save(f, rows)
+        for row in rows:
+            if int(row["hash"]) in seen:
+                entry = expected.setdefault(unit, {"docs": 0, "tokens": 0, "rows": []})
+                entry["docs"] += 1
+                entry["tokens"] += int(row["tokens"])
+                entry["rows"].append(int(row["doc"]))
+            seen.add(int(row["hash"]))
+    job = EncodeJob(files_from_glob(corpus[1]), out, FilterConfig(dedup=True), ["text"], 64)
+    workers = [ray_cluster.remote(TokenizeWorker).options(num_cpus=0.5).remote(job) for _ in range(2)]
+    for partitions in (1, 3):
+        found = find_duplicates(out, list(range(units)), partitions, workers)
+        assert {u: (f["docs"], f["tokens"]) for u, f in found.items()} == \
+            {u: (e["docs"], e["tokens"]) for u, e in expected.items()}
+        for unit, entry in found.items():
+            assert sorted(duplicate_docs(out, unit, entry["files"]).tolist()) == expected[unit]["rows"]
+    for worker in workers:
+        ray_cluster.kill(worker)
+
+
+def test_bytes_do_not_depend_on_workers_units_or_batches(corpus, reference, tmp_path):
     _, pattern = corpus
-    one = run(pattern, tmp_path / "one", num_workers=1, batch_size=500)
-    three = run(pattern, tmp_path / "three", num_workers=3, batch_size=7)
-    assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in three["shards"]]
-    assert len(one["shards"]) > 3
+    one = run(pattern, tmp_path / "one", num_workers=1, batch_size=500, unit_bytes=10**9)  # one unit, all files
+    three = run(pattern, tmp_path / "three", num_workers=3, batch_size=7, unit_bytes=1500)
+    assert one["units"] == 1 and three["units"] > 40
+    assert sha256s(one) == sha256s(three) == sha256s(reference[0])
 
 
-def test_jsonl_gz_gives_the_same_tokens_as_parquet(ray_cluster, corpus, tmp_path):
-    docs, pattern = corpus
+def test_jsonl_gz_gives_the_same_tokens_as_parquet(corpus, reference, tmp_path):
+    docs, _ = corpus
     raw = tmp_path / "raw"
     raw.mkdir()
     for i, part in enumerate((docs[:150], docs[150:])):
         with gzip.open(raw / f"part_{i}.jsonl.gz", "wt") as f:
             f.writelines(json.dumps(d) + "\n" for d in part)
-    from_json = run(str(raw / "*.jsonl.gz"), tmp_path / "json")
-    from_parquet = run(pattern, tmp_path / "parquet")
-    assert [s["sha256"] for s in from_json["shards"]] == [s["sha256"] for s in from_parquet["shards"]]
+    assert sha256s(run(str(raw / "*.jsonl.gz"), tmp_path / "json")) == sha256s(reference[0])
 
 
-def test_fsspec_urls_read_like_local_paths(ray_cluster, corpus, tmp_path):
+def test_fsspec_urls_read_and_write_like_local_paths(corpus, reference, tmp_path):
     """The cloud code path (s3://, gs://, hf:// go through fsspec) exercised with file:// URLs."""
     _, pattern = corpus
-    via_url = run("file://" + pattern, tmp_path / "url")
-    plain = run(pattern, tmp_path / "plain")
-    assert via_url["inputs"] == plain["inputs"] and len(plain["inputs"]) == 3
-    assert [s["sha256"] for s in via_url["shards"]] == [s["sha256"] for s in plain["shards"]]
+    manifest, out = reference
+    via_url = run("file://" + pattern, f"file://{tmp_path}")
+    assert via_url["inputs"] == manifest["inputs"] and len(manifest["inputs"]) == 3
+    written = [p.read_bytes() for p in shard_paths(via_url, tmp_path)]
+    assert written == [p.read_bytes() for p in shard_paths(manifest, out)]
+
+
+def test_atomic_write_to_an_object_store_url():
+    """The branch for s3:// and gs:// outputs, on fsspec's in-memory filesystem."""
+    out = OutputDir("memory://raygpt2-test/out")
+    out.write_json("a.json", {"x": 1})
+    with pytest.raises(RuntimeError), out.write("b.bin") as f:
+        f.write(b"half")
+        raise RuntimeError("killed mid-write")
+    assert out.read_json("a.json") == {"x": 1} and out.glob("*") == ["a.json"]
+
+
+def test_tiny_shards_and_the_single_shard_warning(ray_cluster, corpus, tmp_path, capsys):
+    docs, pattern = corpus
+    tiny = run(pattern, tmp_path / "tiny", shard_size=97)
+    stream = expected_stream([d for d in docs if d["text"].strip()])
+    assert len(tiny["shards"]) == -(-stream.size // 97) > 150 and not tiny["warnings"]
+    np.testing.assert_array_equal(all_tokens(tiny, tmp_path / "tiny"), stream)
+    one = run(pattern, tmp_path / "one", shard_size=10**6)
+    assert len(one["shards"]) == 1 and one["shards"][0]["split"] == "val"
+    suggested = int(re.search(r"--shard-size (\d+)$", one["warnings"][0]).group(1))
+    assert "no train shard" in one["warnings"][0] and 1 <= suggested <= one["total_tokens"] // 5
+    assert "warning: only 1 shard" in capsys.readouterr().err
 
 
 def test_bad_inputs_are_one_line_errors_naming_the_file(ray_cluster, corpus, tmp_path):
@@ -157,9 +237,10 @@ def test_bad_inputs_are_one_line_errors_naming_the_file(ray_cluster, corpus, tmp
         run(str(bad_json), tmp_path / "out")
 
 
-def test_rerun_is_a_noop_and_other_flags_are_refused(ray_cluster, corpus, tmp_path, capsys):
+def test_rerun_is_a_noop_and_other_flags_are_refused(corpus, reference, tmp_path, capsys):
     _, pattern = corpus
-    first = run(pattern, tmp_path)
+    first = reference[0]
+    shutil.copytree(reference[1], tmp_path, dirs_exist_ok=True)
     mtimes = [p.stat().st_mtime_ns for p in shard_paths(first, tmp_path)]
     again = run(pattern, tmp_path)
     assert "already complete" in capsys.readouterr().out
@@ -170,36 +251,49 @@ def test_rerun_is_a_noop_and_other_flags_are_refused(ray_cluster, corpus, tmp_pa
     assert redone["total_tokens"] == first["total_tokens"] and len(redone["shards"]) < len(first["shards"])
 
 
-def test_killed_run_resumes_to_identical_bytes(ray_cluster, tmp_path):
-    docs = make_documents(6000, seed=7, mean_words=150)
-    pattern = write_parquet_files(tmp_path / "raw", docs, files=4, row_group_size=100)
-    shard_size = 20_000
-    reference = run(pattern, tmp_path / "straight", shard_size=shard_size)
-    assert len(reference["shards"]) > 20
+def _start(command):
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
 
-    out = tmp_path / "killed"
-    command = [sys.executable, "pipelines/tokenize.py", "--input", pattern, "-o", str(out),
-               "--shard-size", str(shard_size), "--num-workers", "2", "--batch-size", "64",
-               "--address", ray_cluster.get_runtime_context().gcs_address]
-    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+
+def _kill_when(job, ready, what: str) -> None:
     deadline = time.time() + 240
-    while time.time() < deadline and job.poll() is None:
-        state = out / STATE_FILE
-        if state.exists() and len(json.loads(state.read_text())["shards"]) >= 3:
-            break
-        time.sleep(0.02)
-    assert job.poll() is None, "the job finished before it could be killed; give it more input"
+    while time.time() < deadline and job.poll() is None and not ready():
+        time.sleep(0.01)
+    assert job.poll() is None, f"the job finished before {what}; give it more input"
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
 
+
+def test_killed_runs_resume_to_identical_bytes(ray_cluster, tmp_path):
+    """SIGKILL while units are being encoded, then again while shards are being assembled: the third run
+    redoes only what is missing and ends with the bytes of an uninterrupted run."""
+    docs = make_documents(6000, seed=7, mean_words=150)
+    pattern = write_parquet_files(tmp_path / "raw", docs, files=4, row_group_size=100)
+    flags = {"shard_size": 20_000, "unit_bytes": 20_000}
+    reference = run(pattern, tmp_path / "straight", **flags)
+    assert len(reference["shards"]) > 20 and reference["units"] > 100
+
+    out = tmp_path / "killed"
+    command = [sys.executable, "pipelines/tokenize.py", "--input", pattern, "-o", str(out), "--num-workers", "2",
+               "--shard-size", str(flags["shard_size"]), "--unit-bytes", str(flags["unit_bytes"]),
+               "--address", ray_cluster.get_runtime_context().gcs_address]
+    parts = out / PARTS_DIR
+    first = _start(command)
+    _kill_when(first, lambda: len(list(parts.glob("unit_*.json"))) >= 3, "3 units were done")
+    state = (out / STATE_FILE).read_bytes()
+    done_before = len(list(parts.glob("unit_*.json")))
+    second = _start(command)
+    _kill_when(second, lambda: len(list(parts.glob("shards_*.json"))) >= 3, "3 shard groups were written")
+    assert (out / STATE_FILE).read_bytes() == state  # written once per run, never rewritten as it progresses
     assert not (out / "manifest.json").exists()
     for shard in out.glob("*.bin"):
         read_header(shard)  # nothing half-written sits under a final name
-    resumed = run(pattern, out, shard_size=shard_size)
-    assert resumed["resumed_after_shards"] >= 3
-    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in reference["shards"]]
-    assert resumed["docs"] == reference["docs"]
+
+    resumed = run(pattern, out, **flags)
+    assert resumed["resumed"]["units"] > done_before and resumed["resumed"]["shards"] >= 3
+    assert sha256s(resumed) == sha256s(reference) and resumed["docs"] == reference["docs"]
+    assert not (out / PARTS_DIR).exists() and not (out / STATE_FILE).exists()
 
 
 def test_cli_demo_source_runs_as_a_script(ray_cluster, tmp_path):
@@ -208,10 +302,11 @@ def test_cli_demo_source_runs_as_a_script(ray_cluster, tmp_path):
         [sys.executable, "pipelines/tokenize.py", "--source", "demo", "-o", str(tmp_path), "--address", address],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "wrote" in result.stdout and "1 val" in result.stdout
+    assert "wrote" in result.stdout and "1 val" in result.stdout and "start-up" in result.stdout
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["shards"][0]["name"] == "python_docs_val_000000.bin"
     assert manifest["total_tokens"] > 300_000 and len(manifest["shards"]) >= 4
+    assert set(manifest["timings_s"]) >= {"startup_s", "tokenize_s", "finish_s"}
     bad = subprocess.run([sys.executable, "pipelines/tokenize.py", "--input", str(tmp_path / "none*.parquet"),
                           "-o", str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "matched no files" in bad.stderr

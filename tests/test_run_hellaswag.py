@@ -1,11 +1,20 @@
-"""training/run.py -h 1: HellaSwag on every -v checkpoint in Ray tasks beside a 2-worker run, on the local cluster."""
+"""training/run.py -h 1 on the session's local cluster: evals placed by --eval-on, ranks equal to the
+single-process scorer, a bounded backlog, and an output directory free of eval leftovers."""
 
 import json
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from evals.hellaswag_data import read_jsonl
+from evals.scoring import evaluate
+from gpt2.checkpoint import load_model
+from gpt2.mainlog import read
+from tests.test_hellaswag import hellaswag_records, write_jsonl
 from tests.test_train import make_shards
 from training.run import main
 
@@ -14,38 +23,50 @@ SMOKE = REPO / "evals" / "data" / "hellaswag_smoke.jsonl"
 STEPS, EVERY = 60, 20
 
 
+def run(data: Path, out: Path, *extra: str) -> int:
+    return main(["-i", str(data / "*_train_*.bin"), "-j", str(data / "*_val_*.bin"), "-o", str(out),
+                 "--workers", "2", "--cpus-per-worker", "1", "-e", "L2H2C64", "-b", "2", "-t", "32", "-m", "2",
+                 "-s", "0", "-l", "1e-3", "-h", "1", *extra])
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "hellaswag.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
-def run_dir(ray_cluster, tmp_path_factory) -> Path:
-    data = make_shards(tmp_path_factory.mktemp("shards"), tokens_per_shard=20_000)
+def data(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("shards"), tokens_per_shard=20_000)
+
+
+@pytest.fixture(scope="module")
+def run_dir(ray_cluster, data, tmp_path_factory) -> Path:
+    """-n 0 -h 1 with evals as Ray tasks: the session cluster's 4 CPUs leave room for 2 tasks x 0.5 CPU."""
     out = tmp_path_factory.mktemp("runs") / "hellaswag"
-    # The session cluster has 4 logical CPUs: 2 workers x 1 leave room for the 2 eval tasks x 0.5.
-    assert main(["-i", str(data / "*_train_*.bin"), "-j", str(data / "*_val_*.bin"), "-o", str(out),
-                 "--workers", "2", "--cpus-per-worker", "1", "-e", "L2H2C64", "-b", "2", "-t", "32",
-                 "-x", str(STEPS), "-v", str(EVERY), "-m", "2", "-s", "0", "-l", "1e-3",
-                 "-h", "1", "--hellaswag-file", str(SMOKE)]) == 0
+    assert run(data, out, "-x", str(STEPS), "-v", str(EVERY), "--hellaswag-file", str(SMOKE)) == 0
     return out
 
 
-def test_every_eval_step_gets_a_checkpoint_and_an_eval_line_in_step_order(run_dir):
+def test_eval_lines_in_step_order_and_nothing_of_size_left_behind(run_dir):
     eval_steps = list(range(EVERY, STEPS + 1, EVERY))
-    assert sorted(p.name for p in run_dir.glob("ckpt_*")) == [f"ckpt_{s:08d}" for s in eval_steps]
-    lines = (run_dir / "main.log").read_text().splitlines()
-    evals = [(int(m[1]), float(m[2])) for line in lines if (m := re.match(r"^s:(\d+) eval:(\S+)$", line))]
-    assert [step for step, _ in evals] == eval_steps
-    assert all(0.0 <= acc_norm <= 1.0 for _, acc_norm in evals)
-    assert lines[-1].startswith(f"s:{STEPS} eval:")  # the last checkpoint's eval was awaited before exit
+    evals = read(run_dir / "main.log")["eval"]
+    assert [step for step, _ in evals] == eval_steps and all(0.0 <= value <= 1.0 for _, value in evals)
+    assert (run_dir / "main.log").read_text().splitlines()[-1].startswith(f"s:{STEPS} eval:")  # awaited at the end
+    # The tasks read weights from Ray's object store: no eval checkpoints or snapshots on disk, only -n's
+    # schedule (here: the final checkpoint), the logs and Ray Train's own bookkeeping.
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted([
+        ".validate_storage_marker", "checkpoint_manager_snapshot.json", f"ckpt_{STEPS:08d}", "hellaswag.jsonl",
+        "main.log", "summary.json"])
 
 
 def test_evals_ran_in_ray_tasks_while_training_went_on(run_dir):
-    records = {r["step"]: r for r in map(json.loads, (run_dir / "hellaswag.jsonl").read_text().splitlines())}
-    assert sorted(records) == list(range(EVERY, STEPS + 1, EVERY))
-    assert all(r["mode"] == "ray tasks" and r["num_total"] == 24 for r in records.values())
-    for step in range(EVERY, STEPS, EVERY):  # not the last: the run ends after its checkpoint
-        record = records[step]
+    by_step = {r["step"]: r for r in records(run_dir)}
+    assert sorted(by_step) == list(range(EVERY, STEPS + 1, EVERY))
+    assert all(r["mode"] == "ray tasks" and r["num_total"] == 24 for r in by_step.values())
+    for step in range(EVERY, STEPS, EVERY):  # not the last: the run ends after it
         # The loop only polled: training went on while the eval ran, and the result came in a later step.
-        assert record["steps_done_at_collection"] > step, record
-        assert record["submitted_at"] <= min(start for start, _ in record["task_spans"])
-    assert records[STEPS]["steps_done_at_collection"] == STEPS  # drained before exit
+        assert by_step[step]["steps_done_at_collection"] > step, by_step[step]
+        assert by_step[step]["submitted_at"] <= min(start for start, _ in by_step[step]["task_spans"])
+    assert by_step[STEPS]["steps_done_at_collection"] == STEPS  # awaited before exit
 
 
 def test_summary_json_records_the_run(run_dir):
@@ -55,3 +76,52 @@ def test_summary_json_records_the_run(run_dir):
     assert summary["hellaswag"]["step"] == STEPS and summary["hellaswag"]["examples"] == 24
     assert summary["estimated_cost_usd"] is None  # CPU without --gpu-hour-usd: no price to apply
     assert summary["val_loss"] > 0 and summary["elapsed_s"] > 0
+
+
+def test_ranks_score_exactly_as_the_single_process_scorer(ray_cluster, data, tmp_path, capsys):
+    out = tmp_path / "ranks"
+    assert run(data, out, "-x", "20", "-v", "10", "-n", "10", "--eval-on", "ranks",
+               "--hellaswag-file", str(SMOKE)) == 0
+    assert "hellaswag: ranks: --eval-on ranks" in capsys.readouterr().out
+    examples = read_jsonl(SMOKE)
+    for record in records(out):
+        assert record["mode"] == "ranks"
+        expected = evaluate(load_model(out / f"ckpt_{record['step']:08d}"), examples)
+        assert {k: record[k] for k in expected} == expected, record["step"]
+    assert [r["step"] for r in records(out)] == [10, 20]
+
+
+def test_a_slow_eval_never_queues_more_than_one_and_the_run_ends_after_the_last(ray_cluster, data, tmp_path):
+    """Evals of 400 examples take seconds; steps take tens of ms and an eval is due every 2 of them."""
+    big = write_jsonl(tmp_path / "big.jsonl", hellaswag_records(400, seed=3))
+    out = tmp_path / "backlog"
+    started = time.time()
+    assert run(data, out, "-x", "40", "-v", "2", "--hellaswag-file", str(big)) == 0
+    scored = [r for r in records(out) if "skipped" not in r]
+    skipped = [r for r in records(out) if "skipped" in r]
+    assert skipped and scored[-1]["step"] == 40  # steps were skipped, recorded, and the last one scored
+    assert sorted(r["step"] for r in scored + skipped) == list(range(2, 41, 2))  # every due step accounted for
+    spans = sorted((r["submitted_at"], max(end for _, end in r["task_spans"])) for r in scored)
+    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))  # one at a time
+    assert [s for s, _ in read(out / "main.log")["eval"]] == [r["step"] for r in scored]
+    # The end waited for the last step's eval only: no more than one eval's time after its submission.
+    last = scored[-1]
+    assert time.time() - started < 600 and last["collected_at"] - last["submitted_at"] < 2 * (
+        max(e for _, e in last["task_spans"]) - min(s for s, _ in last["task_spans"])) + 10
+
+
+def test_placement_on_a_cluster_that_declares_gpus():
+    """A local cluster with 4 logical GPUs (none physical): Ray's own resource view decides."""
+    code = """
+import ray
+from training.run_hellaswag import choose_placement
+ray.init("local", num_cpus=2, num_gpus=4, include_dashboard=False)
+cluster = ray.cluster_resources()
+print(choose_placement("auto", True, 4, cluster, 2, 1.0)[0], choose_placement("auto", True, 2, cluster, 2, 1.0)[0],
+      choose_placement("auto", False, 2, cluster, 2, 0.0)[0], choose_placement("tasks", True, 4, cluster, 2, 1.0)[0],
+      choose_placement("auto", True, 3, cluster, 2, 1.0)[0])
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # every GPU held -> ranks; 2 spare -> tasks; CPU training -> tasks; asked -> tasks; 1 spare < 2 needed -> ranks
+    assert re.findall(r"\w+", done.stdout.strip().splitlines()[-1]) == ["ranks", "tasks", "tasks", "tasks", "ranks"]

@@ -55,8 +55,6 @@ class TrainConfig:
     device: str = "auto"
     resume_from: str | None = None
     overwrite: bool = False
-    # Not a CLI flag: launchers whose evals read checkpoints (run.py -h 1) also checkpoint at every -v step.
-    checkpoint_at_val: bool = False
 
     def validate(self) -> None:
         positive = {"-b": self.micro_batch, "-t": self.seq_len, "-m": self.val_batches}
@@ -88,19 +86,25 @@ class TrainConfig:
                 raise ConfigError(f"{flag} {value} needs an output directory (-o)")
 
     def tokens_per_step(self, world_size: int) -> int:
-        return self.micro_batch * self.seq_len * world_size * self.grad_accum_steps(world_size)
-
-    def grad_accum_steps(self, world_size: int) -> int:
-        """Micro-steps per optimizer step; llm.c's -d -1 means one micro-batch per rank per step."""
-        per_step = self.micro_batch * self.seq_len * world_size
+        """-d; llm.c's -d -1 means one micro-batch per rank: B x T x ranks."""
         if self.total_batch_tokens == -1:
-            return 1
-        if self.total_batch_tokens <= 0 or self.total_batch_tokens % per_step:
-            raise ConfigError(
-                f"-d {self.total_batch_tokens} is not a positive multiple of -b {self.micro_batch} x "
-                f"-t {self.seq_len} x {world_size} rank(s) = {per_step} tokens"
-            )
-        return self.total_batch_tokens // per_step
+            return self.micro_batch * self.seq_len * world_size
+        return self.total_batch_tokens
+
+    def micro_batches_per_step(self, world_size: int) -> int:
+        """Micro-batches of B sequences in one optimizer step, all ranks together. Rank r of W runs every W-th
+        one from the r-th, so W need not divide them (the gradient weighs micro-batches, not ranks), but every
+        rank needs at least one."""
+        micro_tokens = self.micro_batch * self.seq_len
+        tokens = self.tokens_per_step(world_size)
+        if tokens <= 0 or tokens % micro_tokens:
+            raise ConfigError(f"-d {self.total_batch_tokens} is not a positive multiple of -b {self.micro_batch} x "
+                              f"-t {self.seq_len} = {micro_tokens} tokens")
+        if tokens // micro_tokens < world_size:
+            raise ConfigError(f"-d {tokens} is {tokens // micro_tokens} micro-batch(es) of -b {self.micro_batch} x "
+                              f"-t {self.seq_len}, fewer than the {world_size} ranks (each needs one): lower -b or "
+                              "the number of ranks")
+        return tokens // micro_tokens
 
 
 # Fields that shape the optimisation: a run resumed with other values would not be the run that was saved.

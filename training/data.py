@@ -1,10 +1,13 @@
-"""Batches from llm.c token shards, each rank reading a disjoint slice of one shared global stream.
+"""Batches from llm.c token shards: one sequence stream shared by every rank, each rank reading its own slice.
 
 A shard of n tokens holds (n - 1) // T sequences of T+1 tokens (consecutive sequences share one token, the
-last target). Each global batch is the next `world * B` sequences of the current shard's order; rank r
-takes the r-th group of B. Per epoch the train stream permutes the shard order and each shard's sequence
-order from (seed, epoch), identically on every rank, so ranks never overlap and a run with 2 ranks of B
-sees exactly the batches of 1 rank with 2*B. The position is three integers, saved in checkpoints.
+last target). An epoch of the train stream is every sequence once: the shards in an order permuted from
+(seed, epoch), each shard's sequences in an order permuted from (seed, epoch, shard), identically on every
+rank. An optimizer step of -d tokens takes the next d / T sequences of the stream (a step may span shards,
+never epochs) as micro-batches of B, and rank r of W runs micro-batches r, r + W, r + 2W, ... So which
+sequences a step trains on depends on -d and -t alone, not on -b or the rank count: 2 ranks of B see exactly
+the batches of 1 rank of 2B, and a run resumed at another size continues the same stream. The position is
+three integers, saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -30,13 +33,13 @@ class ShardLoader:
         self.seed, self.shuffle, self.vocab_size = seed, shuffle, vocab_size
         self.checked: set[int] = set()  # shards whose token ids are known to fit the vocabulary
         self.num_seqs = [max(0, (len(tokens) - 1) // seq_len) for tokens in self.shards]
-        self.global_batch = world * batch
-        if max(self.num_seqs) < self.global_batch:
+        self.sequences_per_epoch = sum(self.num_seqs)
+        if self.sequences_per_epoch < world * batch:
             raise ConfigError(
-                f"{flag} {pattern!r}: no shard holds one global batch of {world} rank(s) x -b {batch} "
-                f"sequences of -t {seq_len}+1 tokens (largest shard: {max(len(s) for s in self.shards)} tokens)"
+                f"{flag} {pattern!r}: holds {self.sequences_per_epoch} sequence(s) of -t {seq_len}+1 tokens, fewer "
+                f"than one batch of {world} rank(s) x -b {batch}"
             )
-        self.batches_per_epoch = sum(n // self.global_batch for n in self.num_seqs)
+        self.batches_per_epoch = self.sequences_per_epoch // (world * batch)  # of next_batch()
         self.epoch = self.shard_pos = self.seq_pos = 0
         self._orders: tuple[int, np.ndarray, list[np.ndarray]] | None = None
 
@@ -52,20 +55,43 @@ class ShardLoader:
             self._orders = (self.epoch, shard_order, seq_orders)
         return self._orders[1], self._orders[2]
 
+    def next_step(self, micro_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches of the next optimizer step: the step is the next `micro_batches` x B
+        sequences of the stream, and rank r takes micro-batches r, r + world, ... Each is (inputs, targets),
+        both (B, T) int64 on CPU."""
+        shards, starts = self._take(micro_batches * self.batch)
+        return [self._rows(shards[i * self.batch:(i + 1) * self.batch], starts[i * self.batch:(i + 1) * self.batch])
+                for i in range(self.rank, micro_batches, self.world)]
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each (B, T) int64 on CPU, for this rank."""
+        """(inputs, targets), each (B, T) int64 on CPU: this rank's B of the next world x B sequences."""
+        return self.next_step(self.world)[0]
+
+    def _take(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Shard index and first token of each of the next `count` (at most one epoch's) sequences; they never
+        span an epoch (too few left in this one: the next one starts)."""
         shard_order, seq_orders = self._epoch_orders()
-        while self.seq_pos + self.global_batch > self.num_seqs[shard_order[self.shard_pos]]:
-            self.shard_pos, self.seq_pos = self.shard_pos + 1, 0
-            if self.shard_pos == len(self.shards):
-                self.epoch, self.shard_pos = self.epoch + 1, 0
-                shard_order, seq_orders = self._epoch_orders()
-        shard = shard_order[self.shard_pos]
-        self._check_tokens(shard)
-        first = self.seq_pos + self.rank * self.batch
-        starts = seq_orders[shard][first:first + self.batch] * self.seq_len
-        rows = np.asarray(self.shards[shard][starts[:, None] + np.arange(self.seq_len + 1)], dtype=np.int64)
-        self.seq_pos += self.global_batch
+        left = sum(self.num_seqs[shard] for shard in shard_order[self.shard_pos:]) - self.seq_pos
+        if left < count:
+            self.epoch, self.shard_pos, self.seq_pos = self.epoch + 1, 0, 0
+            shard_order, seq_orders = self._epoch_orders()
+        shards, starts = [], []
+        while count > 0:
+            shard = shard_order[self.shard_pos]
+            taken = seq_orders[shard][self.seq_pos:self.seq_pos + count]
+            shards.append(np.full(len(taken), shard))
+            starts.append(taken * self.seq_len)
+            self.seq_pos, count = self.seq_pos + len(taken), count - len(taken)
+            if self.seq_pos == self.num_seqs[shard]:
+                self.shard_pos, self.seq_pos = self.shard_pos + 1, 0
+        return np.concatenate(shards), np.concatenate(starts)
+
+    def _rows(self, shards: np.ndarray, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.empty((len(starts), self.seq_len + 1), dtype=np.int64)
+        for shard in np.unique(shards):
+            self._check_tokens(shard)
+            here = shards == shard
+            rows[here] = self.shards[shard][starts[here, None] + np.arange(self.seq_len + 1)]
         batch = torch.from_numpy(rows)
         return batch[:, :-1], batch[:, 1:]
 

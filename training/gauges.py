@@ -48,6 +48,8 @@ SERIES: tuple[Series, ...] = (
                                  "flops per token over the GPUs' bf16 peak); absent on CPU and unknown GPUs",
            "percentunit"),
     Series("step", "raygpt2_step", "Optimizer steps done", "none"),
+    Series("workers", "raygpt2_workers", "Training workers (ranks) in the current worker group; an elastic run "
+                                         "(--min-workers) changes it when Ray Train resizes the group", "none"),
     Series("elapsed_s", "raygpt2_elapsed_seconds", "Wall-clock time since the launch, in seconds", "s"),
     Series("eta_s", "raygpt2_eta_seconds", "Estimated time to the last step, in seconds (mean time of the last 20 "
                                            "steps, validation and checkpoints included)", "s"),

@@ -11,6 +11,7 @@ BF16_PEAK_TFLOPS: list[tuple[str, float]] = [
     ("H100", 989.0),  # SXM names: "NVIDIA H100 80GB HBM3"
     ("H200", 989.0),
     ("A100", 312.0),
+    ("L4", 121.0),  # the eval node type in cluster.yaml (242 is with sparsity)
 ]
 
 

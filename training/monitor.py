@@ -5,14 +5,14 @@
     python -m training.monitor dashboard              # regenerate the checked-in training/grafana/raygpt2.json
 
 The dashboard plots the gauges of training/gauges.py, one row per run (the `run` template variable).
-`install` does what Ray documents for its own dashboards, on the head node's current session:
+`install` sets it up the way Ray does its own dashboards, on the head node's current session:
   * writes it into the session's Grafana provisioning folder (`<temp-dir>/session_latest/metrics/grafana/
     dashboards/`, which Ray's `grafana.ini` provisions as the "Ray" folder), and adds its rows at the top of
-    Ray's Core dashboard there, the one the Ray dashboard's Metrics tab embeds;
-  * starts Prometheus with Ray's generated `metrics/prometheus/prometheus.yml` (it scrapes every node that
-    Ray's service-discovery file lists) and Grafana with Ray's generated `metrics/grafana/grafana.ini`,
-    unless they already answer, at the addresses the Ray dashboard reads: RAY_PROMETHEUS_HOST (default
-    http://localhost:9090) and RAY_GRAFANA_HOST (default http://localhost:3000).
+    Ray's Core dashboard there: that is the dashboard the Ray dashboard's Metrics tab embeds;
+  * starts Prometheus, scraping every node in Ray's service-discovery file, and Grafana with Ray's
+    generated `metrics/grafana/grafana.ini`, unless they already answer, at the addresses the Ray
+    dashboard reads: RAY_PROMETHEUS_HOST (default http://localhost:9090) and RAY_GRAFANA_HOST (default
+    http://localhost:3000).
 Ray rewrites its Grafana folder whenever the head starts, so run `install` after every `ray start --head`.
 """
 
@@ -57,11 +57,12 @@ PANELS = (
     ("Learning rate", "timeseries", 8, [("lr", "lr")]),
     ("Gradient norm", "timeseries", 8, [("norm", "grad norm")]),
     ("Throughput", "timeseries", 8, [("tokens_per_second", "tok/s")]),
-    ("MFU", "timeseries", 8, [("mfu", "MFU")]),
-    ("Step", "stat", 4, [("step", "step")]),
-    ("Elapsed", "stat", 4, [("elapsed_s", "elapsed")]),
-    ("ETA", "stat", 4, [("eta_s", "ETA")]),
-    ("Est. cost", "stat", 4, [("cost_usd", "USD")]),
+    ("MFU", "timeseries", 9, [("mfu", "MFU")]),
+    ("Step", "stat", 3, [("step", "step")]),
+    ("Workers", "stat", 3, [("workers", "workers")]),
+    ("Elapsed", "stat", 3, [("elapsed_s", "elapsed")]),
+    ("ETA", "stat", 3, [("eta_s", "ETA")]),
+    ("Est. cost", "stat", 3, [("cost_usd", "USD")]),
 )
 
 

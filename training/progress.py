@@ -1,8 +1,9 @@
 """Elapsed time, ETA and estimated cost of a run, and its summary (no Ray: run.py's rank 0 uses it).
 
 Cost is priced like llm.c's GPT-2 reproduction ("$672 for 24 h on 8xH100", i.e. $3.50 per GPU-hour):
-elapsed hours x workers x USD per GPU-hour. CPU workers have no meaningful GPU-hour price, so on CPU there
-is an estimate only when a price is given explicitly.
+worker-hours used x USD per GPU-hour, where an elastic run's worker-hours count each worker group's size
+for the time until the next group took over (elapsed hours x workers when the size never changed). CPU
+workers have no meaningful GPU-hour price, so on CPU there is an estimate only when a price is given.
 """
 
 from __future__ import annotations
@@ -32,13 +33,23 @@ class Progress:
 
     def __init__(self, started_at: float, workers: int, usd_per_worker_hour: float | None):
         self.started_at, self.workers, self.price = started_at, workers, usd_per_worker_hour
+        self.group_sizes = [(started_at, workers)]  # (time.time(), workers) from which each group size held
         self.step_times: deque[tuple[int, float]] = deque(maxlen=RECENT_STEPS + 1)
 
     def elapsed(self) -> float:
         return time.time() - self.started_at
 
+    def resized(self, at: float, workers: int) -> None:
+        """From time.time() `at` on, the run has `workers` workers."""
+        self.group_sizes.append((at, workers))
+        self.workers = workers
+
+    def worker_hours(self) -> float:
+        ends = [at for at, _ in self.group_sizes[1:]] + [time.time()]
+        return sum((end - start) * workers for (start, workers), end in zip(self.group_sizes, ends, strict=True)) / 3600
+
     def cost(self) -> float | None:
-        return None if self.price is None else self.elapsed() / 3600 * self.workers * self.price
+        return None if self.price is None else self.worker_hours() * self.price
 
     def step_done(self, steps_done: int) -> None:
         self.step_times.append((steps_done, time.monotonic()))
@@ -57,12 +68,17 @@ class Progress:
         cost = self.cost()
         return {"steps": steps, "tokens_seen": steps * tokens_per_step, "elapsed_s": round(self.elapsed(), 1),
                 "estimated_cost_usd": None if cost is None else round(cost, 4), "usd_per_worker_hour": self.price,
-                "workers": self.workers, "device": device}
+                "workers": self.workers, "worker_hours": round(self.worker_hours(), 4), "device": device}
 
     def line(self, steps_done: int, total_steps: int) -> str:
         eta = self.eta(steps_done, total_steps)
         cost = self.cost()
-        cost_text = ("est. cost n/a on CPU (--gpu-hour-usd prices it)" if cost is None else
-                     f"est. cost ${cost:.2f} ({self.workers} worker(s) x ${self.price:.2f}/h)")
+        if cost is None:
+            cost_text = "est. cost n/a on CPU (--gpu-hour-usd prices it)"
+        elif len(self.group_sizes) == 1:
+            cost_text = f"est. cost ${cost:.2f} ({self.workers} worker(s) x ${self.price:.2f}/h)"
+        else:
+            cost_text = (f"est. cost ${cost:.2f} ({self.worker_hours():.2f} worker-hours x ${self.price:.2f}/h; "
+                         f"{self.workers} worker(s) now)")
         return (f"progress {steps_done}/{total_steps} steps | elapsed {clock(self.elapsed())} | "
                 f"ETA {'n/a' if eta is None else clock(eta)} | {cost_text}")

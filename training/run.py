@@ -49,14 +49,18 @@ from pipelines.files import write_json
 from pipelines.shards import ShardFormatError
 from training.config import ConfigError, TrainConfig, build_parser, config_from_args
 from training.console import RAY_TRAIN_CONSOLE_LEVEL, quiet_ray_train_console
+from training.elastic import check_group_sizes, record_resize, uneven_split_note
 from training.gauges import RunGauges
 from training.progress import Progress, hour_price
-from training.run_hellaswag import HellaSwagBesideTraining, HellaSwagSettings
+from training.run_hellaswag import PLACEMENTS, HellaSwagBesideTraining, HellaSwagSettings, settle
 from training.train import TrainHooks, TrainingDiverged, TrainResult, train
 
 # Ray Train's bookkeeping file in the run directory; without it a new fit starts with no checkpoint.
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 # Errors that a restart from the last checkpoint would only repeat.
+# Elastic runs' RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S unless set: room for a group Ray Train sized from ready
+# resources is there at once, so a longer wait only delays the retry after a lost node (see launch_run).
+ELASTIC_GROUP_START_TIMEOUT_S = 20
 DETERMINISTIC_ERRORS = (ConfigError, CheckpointError, ShardFormatError, LlmcFormatError, HellaSwagFormatError,
                         TrainingDiverged, torch.OutOfMemoryError)
 
@@ -75,10 +79,9 @@ class Launch:
     use_gpu: bool
     cpus_per_worker: float
     report_interval: float
-    workers: int
+    workers: int  # the worker group's size: --workers at launch, each group's own on the workers (elastic runs)
     started_at: float  # the launcher's time.time() at launch: elapsed time and cost count from here
     usd_per_worker_hour: float | None  # None: no cost estimate (CPU without --gpu-hour-usd)
-    keep: int | None  # -nk, enforced by Ray Train
     hellaswag: dict[str, Any] | None  # HellaSwagSettings as a dict; None without -h 1
 
 
@@ -93,6 +96,13 @@ def build_run_parser() -> argparse.ArgumentParser:
     )
     ray_flags = parser.add_argument_group("Ray Train")
     ray_flags.add_argument("--workers", type=int, default=1, help="training workers: one per GPU (default: 1)")
+    ray_flags.add_argument("--min-workers", type=int,
+                           help="elastic group: Ray Train runs between --min-workers and --workers workers as "
+                                "nodes come and go (spot capacity), resuming from the latest checkpoint at each new "
+                                "size with the same global batch -d (default: --workers, a fixed group)")
+    ray_flags.add_argument("--resize-interval", type=float, default=60.0,
+                           help="elastic group: seconds between Ray Train's checks for room to grow the group; each "
+                                "growth restarts from the latest checkpoint (default: 60)")
     ray_flags.add_argument("--address", help="Ray cluster to join ('auto' = the running one; default: "
                                              "RAY_ADDRESS, else a new local cluster)")
     ray_flags.add_argument("--use-gpu", choices=("auto", "1", "0"), default="auto",
@@ -111,14 +121,19 @@ def build_run_parser() -> argparse.ArgumentParser:
                                 "no estimate unless given)")
     evals = parser.add_argument_group("HellaSwag beside training (llm.c's -h)")
     evals.add_argument("-h", "--hellaswag", type=int, default=0, choices=(0, 1),
-                       help="1 = score HellaSwag on the checkpoint of every -v step (and the last) in Ray tasks on "
-                            "spare resources while training goes on; in-loop when there are none (default: 0)")
+                       help="1 = score HellaSwag at every -v step (and the last), placed by --eval-on (default: 0)")
+    evals.add_argument("--eval-on", choices=PLACEMENTS, default="auto",
+                       help="tasks: Ray tasks on accelerators no worker holds (CPUs on a CPU run) while training "
+                            "goes on; ranks: in-loop on every training rank; auto: tasks if the cluster has the "
+                            "accelerators for them, else ranks (default: auto)")
     evals.add_argument("--hellaswag-file",
                        help="HellaSwag jsonl or llm.c eval .bin (default: the validation set, downloaded once to "
                             "~/.cache/raygpt2/hellaswag/)")
     evals.add_argument("--eval-tasks", type=int, default=2, help="Ray tasks per eval (default: 2)")
     evals.add_argument("--eval-cpus-per-task", type=float, default=0.5, help="CPUs per eval task (default: 0.5)")
-    evals.add_argument("--eval-gpus-per-task", type=float, default=0.0, help="GPUs per eval task (default: 0)")
+    evals.add_argument("--eval-gpus-per-task", type=float,
+                       help="GPUs per eval task (default: 1 on a GPU run, 0 on CPU; 0 on a GPU run puts the tasks "
+                            "on CPUs, with --eval-on tasks)")
     return parser
 
 
@@ -127,23 +142,34 @@ def _absolute(path: str) -> str:
     return path if not path or _is_uri(path) else os.path.abspath(path)
 
 
+def _group_sizes(args: argparse.Namespace) -> tuple[int, int]:
+    """(smallest, largest) worker group: --min-workers (default: --workers, a fixed group) and --workers."""
+    return args.workers if args.min_workers is None else args.min_workers, args.workers
+
+
 def plan(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     """The engine config the workers run and the run directory; ConfigError names the flag at fault."""
     config = config_from_args(args)
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    smallest, largest = _group_sizes(args)
+    if not 1 <= smallest <= largest:
+        raise ConfigError(f"--min-workers must be between 1 and --workers {largest}, got {smallest}")
+    if args.resize_interval < 0:
+        raise ConfigError(f"--resize-interval must not be negative, got {args.resize_interval}")
     if args.report_interval < 0:
         raise ConfigError(f"--report-interval must not be negative, got {args.report_interval}")
     if not config.output_dir:
         raise ConfigError("-o is required: it is the Ray Train run directory that checkpoints and restarts use")
     if args.hellaswag:
-        if args.eval_tasks < 1 or args.eval_cpus_per_task < 0 or args.eval_gpus_per_task < 0:
+        if args.eval_tasks < 1 or args.eval_cpus_per_task < 0 or (args.eval_gpus_per_task or 0) < 0:
             raise ConfigError("--eval-tasks must be at least 1 and --eval-cpus/gpus-per-task not negative")
         if args.hellaswag_file and not os.path.isfile(args.hellaswag_file):
             raise ConfigError(f"--hellaswag-file {args.hellaswag_file}: no such file")
-        config.checkpoint_at_val = True  # the eval tasks read the checkpoint of each -v step
     config.validate()
-    config.grad_accum_steps(args.workers)  # -d must split into B*T*workers micro-steps; raises naming them
+    # llm.c's -d -1 is B x T x workers: fixed here, so that it stays the global batch if the group resizes.
+    config.total_batch_tokens = config.tokens_per_step(args.workers)
+    check_group_sizes(config, smallest, largest)  # every size must run a step of -d
     run_dir = _absolute(config.output_dir.rstrip("/"))
     config.train_data, config.val_data = _absolute(config.train_data), _absolute(config.val_data)
     config.resume_from = _absolute(config.resume_from) if config.resume_from else None
@@ -185,6 +211,43 @@ class _FailureLog:
 
     def first(self) -> str | None:
         return self.message
+
+
+class _WorkerGroupLog:
+    """The worker groups of one fit, kept outside them: when each started and with how many workers, and why
+    the one before failed (Ray Train's controller reports worker errors here). Each new group's rank 0 reads
+    it to record a resize and to count the worker-hours used. A Ray actor with no CPU; created by the driver."""
+
+    def __init__(self):
+        self.starts: list[tuple[float, int]] = []  # (time.time(), workers)
+        self.failure: str | None = None  # why the running group failed, until the next one starts
+
+    def failed(self, reason: str) -> None:
+        if self.failure is None:  # the first error tells; the others are its echoes on the other ranks
+            self.failure = reason
+
+    def started(self, at: float, workers: int) -> tuple[list[tuple[float, int]], str | None]:
+        """Every group start so far, this one last, and why the group before it failed (None: it did not)."""
+        self.starts.append((at, workers))
+        failure, self.failure = self.failure, None
+        return list(self.starts), failure
+
+
+def _report_group_failures(groups) -> Any:
+    """A ray.train.UserCallback, run by Ray Train's controller, that tells `groups` (a _WorkerGroupLog) why a
+    worker group failed. Made here because run.py imports Ray only once it runs."""
+    from ray.train import UserCallback
+
+    class ReportGroupFailures(UserCallback):
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            # A lost node shows as its workers' failed health checks; the survivors' own errors (a collective
+            # whose peer vanished) follow from it, so those come last.
+            rank, error = min(worker_exceptions.items(), key=lambda item: ("HealthCheck" not in type(item[1]).__name__,
+                                                                           item[0]))
+            first_line = (str(error).strip().splitlines() or [""])[0][:160]
+            groups.failed.remote(f"rank {rank} failed: {type(error).__name__}: {first_line}")
+
+    return ReportGroupFailures()
 
 
 class _RayReports:
@@ -251,19 +314,23 @@ class _WorkerHooks:
     """The engine's TrainHooks on a Ray Train worker: Ray reports on every rank; on rank 0 also
     the dashboard gauges, progress / ETA / cost lines, HellaSwag beside training and summary.json."""
 
-    def __init__(self, launch: Launch, config: TrainConfig, rank: int, device: torch.device, staging: str | None):
+    def __init__(self, launch: Launch, config: TrainConfig, rank: int, device: torch.device, staging: str | None,
+                 group_starts: list[tuple[float, int]]):
+        """`group_starts`: (time.time(), workers) of each worker group of this fit so far, this one last."""
         self.launch, self.config, self.rank, self.device = launch, config, rank, device
         self.reports = _RayReports(launch, rank, device, staging)
         self.steps_done: int | None = None  # for error messages; None while the engine sets up
         self.total_steps = config.max_steps  # -1 (one epoch) until the engine's first step says how many
         self.hellaswag_metrics: dict[str, float | int] = {}  # the last eval's, added to reports and the summary
-        self.progress = Progress(launch.started_at, launch.workers, launch.usd_per_worker_hour)
+        self.progress = Progress(launch.started_at, group_starts[0][1], launch.usd_per_worker_hour)
+        for at, workers in group_starts[1:]:
+            self.progress.resized(at, workers)
         self.gauges = RunGauges(launch.run_name) if rank == 0 else None
         self.hellaswag = None
-        if rank == 0 and launch.hellaswag:
+        if launch.hellaswag and (rank == 0 or launch.hellaswag["placement"] == "ranks"):
             self.hellaswag = HellaSwagBesideTraining(
-                HellaSwagSettings(**launch.hellaswag), Path(config.output_dir), config.device,
-                concurrent=not launch.remote, keep=launch.keep, on_result=self._hellaswag_result)
+                HellaSwagSettings(**launch.hellaswag), Path(config.output_dir), device, rank, launch.workers,
+                on_result=self._hellaswag_result)
 
     def on_step(self, metrics: dict[str, Any]) -> None:
         # metrics["step"] is the step index, 0-based like the engine's loop; the console shows it 1-based.
@@ -274,7 +341,8 @@ class _WorkerHooks:
         done = {**metrics, **self.hellaswag_metrics, "step": self.steps_done, "timestamp": time.time()}
         if self.gauges:
             self.gauges.update({**done, "elapsed_s": self.progress.elapsed(), "cost_usd": self.progress.cost(),
-                                "eta_s": self.progress.eta(self.steps_done, self.total_steps)})
+                                "eta_s": self.progress.eta(self.steps_done, self.total_steps),
+                                "workers": self.launch.workers})
         if "loss" in metrics:
             self.reports.on_step(self.steps_done, done)
         else:  # the final val-only call: always reported, so the last metrics reach Ray
@@ -299,17 +367,18 @@ class _WorkerHooks:
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.steps_done = step
-        if self.hellaswag:  # before Ray registers it: registering may prune a checkpoint an eval still needs
-            every = self.config.val_every
-            self.hellaswag.on_checkpoint(step, path, (every > 0 and step % every == 0) or step == self.total_steps)
         self.reports.register(step, path)
+
+    def on_eval(self, step: int, model: torch.nn.Module) -> None:
+        if self.hellaswag:
+            self.hellaswag.on_eval(step, model)
 
     def finish(self, result: TrainResult) -> None:
         """After the engine returns, on every rank: rank 0 waits for the last evals and writes summary.json;
         then one last report (a barrier) carries the final HellaSwag result to Ray Train."""
         if self.rank == 0:
             if self.hellaswag:
-                self.hellaswag.drain()
+                self.hellaswag.finish()
             print(self.progress.line(result.steps, result.steps), flush=True)
             self._write_summary(result)
             if self.launch.remote:
@@ -331,6 +400,14 @@ class _WorkerHooks:
         print(f"wrote {path if not self.launch.remote else self.launch.run_dir + '/summary.json'}", flush=True)
 
 
+def _resize_reason(group_starts: list[tuple[float, int]], group_failure: str | None) -> str:
+    if group_failure:
+        return group_failure
+    if len(group_starts) > 1:  # the group before ended without an error: Ray Train's elastic policy resized it
+        return "Ray Train resized the group to the capacity it found"
+    return "a new launch resuming the run"
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker: one rank of the engine, resumed from Ray's latest checkpoint."""
     import ray
@@ -339,8 +416,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     launch = Launch(**loop_config["launch"])
     config = TrainConfig(**loop_config["train"])
-    failures = loop_config["failures"]
-    rank = ray.train.get_context().get_world_rank()
+    failures, groups = loop_config["failures"], loop_config["groups"]
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    launch.workers = context.get_world_size()  # this group's: an elastic run's groups vary within the bounds
     quiet_ray_train_console()
     recorded = ray.get(failures.first.remote())
     if recorded:  # Ray restarted us after an error that would only happen again
@@ -354,14 +433,23 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if launch.remote:  # the engine writes locally; _RayReports uploads
         staging = os.path.join(tempfile.gettempdir(), "raygpt2", launch.run_name)
         config.output_dir = staging
+    group_starts, group_failure = [(launch.started_at, launch.workers)], None
+    if rank == 0:
+        group_starts, group_failure = ray.get(groups.started.remote(time.time(), launch.workers))
     hooks = None
     with ExitStack() as stack:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:  # a restart, or -y 1 finding an earlier fit's checkpoints
             config.resume_from = stack.enter_context(checkpoint.as_directory())
         try:
-            hooks = _WorkerHooks(launch, config, rank, torch.device(config.device), staging)
-            result = train(config, TrainHooks(on_step=hooks.on_step, on_checkpoint=hooks.on_checkpoint))
+            if rank == 0 and config.resume_from:  # before the engine trims main.log for its resume
+                resize = record_resize(Path(config.output_dir), Path(config.resume_from), launch.workers,
+                                       _resize_reason(group_starts, group_failure))
+                if resize:
+                    print(resize.line(), flush=True)
+            hooks = _WorkerHooks(launch, config, rank, torch.device(config.device), staging, group_starts)
+            result = train(config, TrainHooks(on_step=hooks.on_step, on_checkpoint=hooks.on_checkpoint,
+                                              on_eval=hooks.on_eval if launch.hellaswag else None))
         except DETERMINISTIC_ERRORS as err:
             steps_done = hooks.steps_done if hooks else None
             step = err.step if isinstance(err, TrainingDiverged) else None if steps_done is None else steps_done + 1
@@ -378,14 +466,14 @@ def _resources(args: argparse.Namespace, cluster: dict[str, float]) -> tuple[boo
     if use_gpu:
         return use_gpu, 1
     cpus = cluster.get("CPU", 1)
-    if args.hellaswag:  # leave the eval tasks room beside the workers, in fractions of a CPU if need be
+    if args.hellaswag and args.eval_on != "ranks":  # leave eval tasks room beside the workers, in CPU fractions
         per_worker = (cpus - args.eval_tasks * args.eval_cpus_per_task) / args.workers
         if per_worker >= 0.25:
             return use_gpu, per_worker if per_worker < 1 else float(int(per_worker))
     return use_gpu, max(1, int(cpus) // args.workers)
 
 
-def _check_capacity(workers: int, use_gpu: bool, cpus: float, fixed_size: bool) -> None:
+def _check_capacity(workers: int, flag: str, use_gpu: bool, cpus: float, fixed_size: bool) -> None:
     """Ray waits forever for resources no node has. A cluster this process started (or joined in-process) has
     no autoscaler, so a worker group that does not fit is an error now; on a cluster that can grow it is a
     note, and the group starts when nodes come."""
@@ -397,9 +485,9 @@ def _check_capacity(workers: int, use_gpu: bool, cpus: float, fixed_size: bool) 
     if fits >= workers:
         return
     what = " + ".join(f"{amount:g} {name}" for name, amount in need.items())
-    message = f"--workers {workers} x ({what}) per worker: the cluster's nodes hold {fits} such worker(s) now"
+    message = f"{flag} {workers} x ({what}) per worker: the cluster's nodes hold {fits} such worker(s) now"
     if fixed_size:
-        raise ConfigError(f"{message}; lower --workers or --cpus-per-worker, or join a larger cluster (--address)")
+        raise ConfigError(f"{message}; lower {flag} or --cpus-per-worker, or join a larger cluster (--address)")
     print(f"note: {message}; Ray Train waits until the autoscaler adds nodes", flush=True)
 
 
@@ -409,10 +497,15 @@ def launch_run(args: argparse.Namespace, callbacks: list | None = None) -> None:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     config, run_dir = plan(args)
     use_gpu, cpus = _resources(args, ray.cluster_resources())
-    _check_capacity(args.workers, use_gpu, cpus, fixed_size=args.address is None and "RAY_ADDRESS" not in os.environ)
+    smallest, largest = _group_sizes(args)
+    _check_capacity(smallest, "--workers" if smallest == largest else "--min-workers", use_gpu, cpus,
+                    fixed_size=args.address is None and "RAY_ADDRESS" not in os.environ)
+    if note := uneven_split_note(config, smallest, largest):
+        print(note, flush=True)
     remote = _is_uri(run_dir)
     run_name = run_dir.rsplit("/", 1)[-1]
     storage_path = run_dir.rsplit("/", 1)[0] or "/"
@@ -422,28 +515,40 @@ def launch_run(args: argparse.Namespace, callbacks: list | None = None) -> None:
     config.checkpoints_keep = 0
     hellaswag = None
     if args.hellaswag:
-        hellaswag = asdict(HellaSwagSettings(_absolute(args.hellaswag_file) if args.hellaswag_file else None,
-                                             args.eval_tasks, args.eval_cpus_per_task, args.eval_gpus_per_task))
+        gpus_per_task = args.eval_gpus_per_task if args.eval_gpus_per_task is not None else float(use_gpu)
+        hellaswag = asdict(settle(args.eval_on, _absolute(args.hellaswag_file) if args.hellaswag_file else None,
+                                  args.eval_tasks, args.eval_cpus_per_task, gpus_per_task, config, args.workers,
+                                  use_gpu, cpus, ray.cluster_resources()))
     launch = Launch(run_name=run_name, run_dir=run_dir, remote=remote, use_gpu=use_gpu, cpus_per_worker=cpus,
                     report_interval=args.report_interval, workers=args.workers, started_at=time.time(),
-                    usd_per_worker_hour=hour_price(args.gpu_hour_usd, use_gpu), keep=keep, hellaswag=hellaswag)
+                    usd_per_worker_hour=hour_price(args.gpu_hour_usd, use_gpu), hellaswag=hellaswag)
     if not config.resume:
         _forget_previous_ray_run(run_dir)
     if not remote:
         config.output_dir = run_dir
-    failures = ray.remote(num_cpus=0)(_FailureLog).remote()
+    # Beside the driver, as Ray Train's controller is: a worker node may vanish (spot capacity) and must not take
+    # the run's own records with it.
+    beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    failures = ray.remote(num_cpus=0, scheduling_strategy=beside_driver)(_FailureLog).remote()
+    groups = ray.remote(num_cpus=0, scheduling_strategy=beside_driver)(_WorkerGroupLog).remote()
+    if smallest < largest:
+        # After a node is lost Ray Train may size the next group before Ray has noticed the node is gone; only
+        # Ray Train's wait for the group's placement (60 s by default) then lets it retry at the size that fits.
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(ELASTIC_GROUP_START_TIMEOUT_S))
     # Ray Train's state API (the dashboard's /api/train/v2/runs/v1: the run, its attempts and workers) is off
     # unless the driver that calls fit() has this set; Ray passes it on to its controller. An explicit 0 wins.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"train": asdict(config), "launch": asdict(launch), "failures": failures},
+        train_loop_config={"train": asdict(config), "launch": asdict(launch), "failures": failures, "groups": groups},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=use_gpu,
+        scaling_config=ScalingConfig(num_workers=largest if smallest == largest else (smallest, largest),
+                                     use_gpu=use_gpu, elastic_resize_monitor_interval_s=args.resize_interval,
                                      resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(name=run_name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=args.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=keep), callbacks=callbacks,
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep),
+                             callbacks=[*(callbacks or []), _report_group_failures(groups)],
                              # Console as the engine prints it: Ray Train's print patch would log every
                              # print a second time. Of its own logs only warnings and errors show (the
                              # workers' quiet_ray_train_console covers the lines `ray.train` does not).

@@ -57,10 +57,13 @@ SAMPLE_SEED = 1337  # llm.c's sampling RNG seed
 @dataclass
 class TrainHooks:
     """Callbacks for a launcher. Both run on every rank, so they may make collective calls
-    (e.g. ray.train.report); `on_checkpoint` fires once the directory is complete on disk."""
+    (e.g. ray.train.report); `on_checkpoint` fires once the directory is complete on disk; `on_eval` fires
+    where llm.c evaluates HellaSwag (every -v step after step 0, and the last) with the model being trained
+    (the module itself, not a DDP wrapper)."""
 
     on_step: Callable[[dict[str, Any]], None] | None = None
     on_checkpoint: Callable[[int, Path], None] | None = None
+    on_eval: Callable[[int, GPT], None] | None = None
 
 
 class TrainingDiverged(RuntimeError):
@@ -136,7 +139,10 @@ class _Run:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.set_float32_matmul_precision("high" if config.tf32 else "highest")
-        self.accum = config.grad_accum_steps(self.world)
+        # A step of -d tokens is `micro_batches` micro-batches of B sequences, all ranks together; this rank runs
+        # every world-th one from its rank on, `micro_steps` of them (uneven when world does not divide them).
+        self.micro_batches = config.micro_batches_per_step(self.world)
+        self.micro_steps = len(range(self.rank, self.micro_batches, self.world))
         self.model = _build_model(config)
         if config.seq_len > self.model.config.block_size:
             raise ConfigError(f"-t {config.seq_len} exceeds the model's context of {self.model.config.block_size}")
@@ -146,10 +152,12 @@ class _Run:
         self.val_loader = (ShardLoader(config.val_data, "-j", config.micro_batch, config.seq_len,
                                        self.rank, self.world, config.seed, shuffle=False, vocab_size=vocab)
                            if config.val_data else None)
-        self.steps = config.max_steps if config.max_steps != -1 else self.train_loader.batches_per_epoch // self.accum
-        if self.steps < 1:
-            raise ConfigError(f"-x -1: one epoch of -i holds {self.train_loader.batches_per_epoch} micro-batches, "
-                              f"fewer than one step of -d {config.total_batch_tokens} tokens")
+        steps_per_epoch = self.train_loader.sequences_per_epoch // (self.micro_batches * config.micro_batch)
+        if steps_per_epoch < 1:
+            raise ConfigError(f"-i: one epoch holds {self.train_loader.sequences_per_epoch} sequences of -t "
+                              f"{config.seq_len}+1 tokens, fewer than one step of -d "
+                              f"{config.tokens_per_step(self.world)} tokens")
+        self.steps = config.max_steps if config.max_steps != -1 else steps_per_epoch
         self.sharded = config.zero_stage == 1 and self.distributed
         if config.zero_stage == 1 and not self.distributed:
             _log(self.master, "-z 1: torch.distributed is not initialised, so there is nothing to shard across")
@@ -170,15 +178,23 @@ class _Run:
         self.out = Path(config.output_dir) if config.output_dir else None
         self.main_log = (MainLog(self.out / "main.log", self.start_step if self.resumed else None)
                          if self.master and self.out else None)
-        self.tokens_per_step = config.micro_batch * config.seq_len * self.world * self.accum
+        self.tokens_per_step = config.tokens_per_step(self.world)
         self.flops_per_token = flops_per_token(self.model.num_parameters(), self.model.config, config.seq_len)
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         self.peak = peak_flops(device_name, bf16=self.device.type == "cuda")
         c = self.model.config
         _log(self.master, f"model L{c.n_layer}H{c.n_head}C{c.n_embd}, {self.model.num_parameters():,} parameters | "
-                          f"{config.micro_batch} x {config.seq_len} x {self.world} rank(s) x {self.accum} micro-steps "
-                          f"= {self.tokens_per_step} tokens/step | {self.steps} steps | {device_name or self.device} | "
+                          f"{config.micro_batch} x {config.seq_len} x {self._split()} = {self.tokens_per_step} "
+                          f"tokens/step | {self.steps} steps | {device_name or self.device} | "
                           f"recompute {config.recompute} | zero {int(self.sharded)}")
+
+    def _split(self) -> str:
+        """How a step's micro-batches fall on the ranks, for the header line."""
+        if self.micro_batches % self.world == 0:
+            return f"{self.world} rank(s) x {self.micro_batches // self.world} micro-steps"
+        fewer = self.micro_batches // self.world
+        return (f"{self.micro_batches} micro-batches over {self.world} ranks ({fewer + 1} or {fewer} micro-steps "
+                "each: a rank with fewer waits)")
 
     def _resume_path(self) -> Path | None:
         if self.config.resume_from:
@@ -251,8 +267,7 @@ class _Run:
 
     def _checkpoint_due(self, step: int) -> bool:
         c = self.config
-        every = [c.checkpoint_every] + ([c.val_every] if c.checkpoint_at_val else [])
-        return step > 0 and any(n > 0 and step % n == 0 for n in every)
+        return step > 0 and c.checkpoint_every > 0 and step % c.checkpoint_every == 0
 
     @torch.no_grad()
     def _validate(self) -> float:
@@ -275,16 +290,19 @@ class _Run:
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=self.device)
         trained = self.ddp or self.model
-        for micro in range(self.accum):
-            inputs, targets = batch or self.train_loader.next_batch()
-            last_micro = micro == self.accum - 1
+        micro_batches = [batch] * self.micro_steps if batch else self.train_loader.next_step(self.micro_batches)
+        # Each micro-batch's loss over the mean micro-steps per rank: DDP's mean over ranks of the summed
+        # gradients is then the mean over all the step's micro-batches, however unevenly the ranks share them.
+        share = self.micro_batches / self.world
+        for micro, (inputs, targets) in enumerate(micro_batches):
+            last_micro = micro == len(micro_batches) - 1
             # DDP all-reduces gradients in backward; only the last micro-step needs to.
             with self.ddp.no_sync() if self.ddp and not last_micro else nullcontext():
                 with autocast_for(self.device):
                     loss = trained(inputs.to(self.device), targets.to(self.device))
-                (loss / self.accum).backward()
+                (loss / share).backward()
             loss_sum += loss.detach()
-        loss = _mean_over_ranks(loss_sum, self.world) / self.accum
+        loss = _mean_over_ranks(loss_sum, self.world) / share
         if not math.isfinite(loss):  # every rank holds the same mean, so every rank stops here
             raise TrainingDiverged(step + 1, f"loss is {loss}; the update was not applied and no checkpoint "
                                              "was written after the last good one")
@@ -315,7 +333,7 @@ class _Run:
 
     def run(self) -> TrainResult:
         c = self.config
-        single_batch = self.train_loader.next_batch() if c.overfit_single_batch else None
+        single_batch = self.train_loader.next_step(self.micro_batches)[0] if c.overfit_single_batch else None
         train_loss = val_loss = checkpoint = None
         try:
             for step in range(self.start_step, self.steps + 1):
@@ -330,6 +348,9 @@ class _Run:
                     _log(self.master, f"val loss {val_loss:.6f}")
                     if self.main_log:
                         self.main_log.val(step, val_loss)
+                eval_due = (step > 0 and c.val_every > 0 and step % c.val_every == 0) or last  # llm.c's HellaSwag
+                if self.hooks.on_eval and fresh and eval_due:
+                    self.hooks.on_eval(step, self.model)
                 if self.master and fresh and c.sample_every > 0 and ((step > 0 and step % c.sample_every == 0) or last):
                     self._sample()
                 if self.out and fresh and (self._checkpoint_due(step) or last):

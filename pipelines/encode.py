@@ -1,0 +1,94 @@
+"""Encoding a work unit: read it, filter it, BPE it, and write the unit's tokens (and counters) to -o.
+
+Runs in the job's Ray actors (pipelines.worker), one GPT-2 encoder each, built once. Nothing but a few
+counters goes back to the driver: the tokens go straight to the output directory, so the job has no
+single process that every token must cross. While one unit is being encoded the next one is read on a
+thread (remote reads wait on the network, and pyarrow and tiktoken release the GIL), so the encoder
+rarely waits for input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.dedup import HASH_ROW
+from pipelines.filters import DROP_REASONS, FilterConfig, drop_reasons
+from pipelines.plan import WorkUnit
+from pipelines.shards import TOKEN_DTYPE
+from pipelines.sources import InputFiles
+from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
+from pipelines.workdir import OutputDir, unit_file
+
+
+def text_hash(text: str) -> int:
+    """The 64-bit hash --dedup compares documents by."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    """What every worker needs for every unit, sent once when it starts."""
+
+    inputs: InputFiles
+    out: OutputDir
+    filters: FilterConfig
+    columns: list[str]  # text and the filter columns that exist
+    batch_rows: int
+
+
+class UnitEncoder:
+    def __init__(self, job: EncodeJob):
+        self.job = job
+        self.encode = gpt2_encoding().encode_ordinary
+        self.reader = ThreadPoolExecutor(1)
+        self.prefetched: dict[int, Future] = {}
+
+    def encode_unit(self, unit: WorkUnit, prefetch: WorkUnit | None = None) -> dict:
+        """Encode `unit` and write it; start reading `prefetch` (this worker's next unit) meanwhile.
+        Returns the unit's counters, which are also written beside its tokens."""
+        pending = self.prefetched.pop(unit.index, None)
+        if prefetch is not None and prefetch.index not in self.prefetched:
+            self.prefetched[prefetch.index] = self.reader.submit(self._read, prefetch)
+        tables = pending.result() if pending is not None else self._read(unit)
+        return self._encode_and_write(unit, tables)
+
+    def _read(self, unit: WorkUnit) -> list[pa.Table]:
+        return [self.job.inputs.read(piece, self.job.columns, self.job.batch_rows) for piece in unit.pieces]
+
+    def _encode_and_write(self, unit: WorkUnit, tables: list[pa.Table]) -> dict:
+        dedup = self.job.filters.dedup
+        tokens = array("H")
+        hashes, lengths = [], []
+        dropped = np.zeros(len(DROP_REASONS), dtype=np.int64)
+        for table in tables:
+            reasons = drop_reasons(table, self.job.filters)
+            dropped += np.bincount(reasons, minlength=len(DROP_REASONS))
+            for text, reason in zip(table["text"].to_pylist(), reasons.tolist(), strict=True):
+                if reason:
+                    continue
+                start = len(tokens)
+                tokens.append(EOT_TOKEN)
+                tokens.fromlist(self.encode(text))
+                if dedup:
+                    hashes.append(text_hash(text))
+                    lengths.append(len(tokens) - start)
+
+        out = self.job.out
+        with out.write(unit_file(unit.index, "tokens")) as f:
+            f.write(np.frombuffer(tokens, dtype=np.uint16).astype(TOKEN_DTYPE, copy=False))  # no copy on LE
+        if dedup:
+            rows = np.zeros(len(hashes), dtype=HASH_ROW)
+            rows["hash"], rows["unit"], rows["tokens"] = hashes, unit.index, lengths
+            rows["doc"] = np.arange(len(hashes))
+            with out.write(unit_file(unit.index, "hashes.npy")) as f:
+                np.save(f, rows)
+        counters = {"unit": unit.index, "tokens": len(tokens), "docs": int(sum(t.num_rows for t in tables)),
+                    "dropped": dict(zip(DROP_REASONS[1:], dropped[1:].tolist(), strict=True))}
+        out.write_json(unit_file(unit.index, "json"), counters)  # last: its presence marks the unit done
+        return counters

@@ -1,0 +1,116 @@
+"""The tokenize job's output directory (-o): final shards and manifest, and the work in progress.
+
+    manifest.json                        written last: the run is complete
+    {prefix}_{val|train}_{i:06d}.bin     the shards
+    tokenize_state.json                  written once when a run starts: its fingerprint and work units
+    tokenize_parts/unit_{u:06d}.tokens   one unit's kept documents, EOT first, as uint16 (deleted at the end)
+    tokenize_parts/unit_{u:06d}.json     ... its counters; written after the tokens, so it marks the unit done
+    tokenize_parts/unit_{u:06d}.hashes.npy          --dedup: hash and length of each of its documents
+    tokenize_parts/duplicates_{p:05d}.npy           --dedup: (unit, doc) repeating an earlier text, per partition
+    tokenize_parts/shards_{i:06d}-{j:06d}.json      shards i..j are written: names, token counts, sha256
+
+Every file is written whole or not at all (pipelines.files), each by the task that produced it, so a
+killed job is resumed by looking at what exists; no file is ever rewritten as the job progresses.
+-o is a local directory (on a multi-node cluster: a filesystem every node mounts at the same path) or an
+fsspec URL (s3://, gs://, ...), since the workers, not the driver, write into it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+from typing import Any
+
+import fsspec
+
+from pipelines.files import atomic_write, is_url, local_path, write_json
+from pipelines.sources import InputError
+
+MANIFEST_FILE = "manifest.json"
+STATE_FILE = "tokenize_state.json"
+PARTS_DIR = "tokenize_parts"
+
+
+def unit_file(unit: int, kind: str) -> str:
+    """kind: tokens | json | hashes.npy"""
+    return f"{PARTS_DIR}/unit_{unit:06d}.{kind}"
+
+
+def shard_record_file(first: int, last: int) -> str:
+    return f"{PARTS_DIR}/shards_{first:06d}-{last:06d}.json"
+
+
+class OutputDir:
+    """A directory addressed by name, on the local disk or behind an fsspec URL; picklable for workers."""
+
+    def __init__(self, location: str | os.PathLike):
+        self.location = str(location).rstrip("/") if is_url(location) else str(local_path(location))
+
+    def __reduce__(self):
+        return OutputDir, (self.location,)
+
+    def __str__(self) -> str:
+        return self.location
+
+    @cached_property
+    def _fs_root(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        return fsspec.core.url_to_fs(self.location)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return self._fs_root[0]
+
+    def path(self, name: str = "") -> str:
+        """Where `name` lives, as a local path or a URL (what pipelines.files and pyarrow accept)."""
+        return f"{self.location}/{name}" if name else self.location
+
+    def _target(self, name: str) -> str:
+        root = self._fs_root[1]
+        return f"{root}/{name}" if name else root
+
+    def check_directory(self) -> None:
+        if self.fs.exists(self._target("")) and not self.fs.isdir(self._target("")):
+            raise InputError(f"-o {self.location}: is a file, not a directory")
+
+    def makedirs(self, name: str = "") -> None:
+        self.fs.makedirs(self._target(name), exist_ok=True)
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self._target(name))
+
+    def size(self, name: str) -> int:
+        return self.fs.size(self._target(name))
+
+    def read_bytes(self, name: str, start: int, end: int) -> bytes:
+        return self.fs.cat_file(self._target(name), start=start, end=end)
+
+    def open(self, name: str, mode: str = "rb"):
+        return self.fs.open(self._target(name), mode)
+
+    def glob(self, pattern: str) -> list[str]:
+        """Names (relative to the directory) matching `pattern`, sorted."""
+        root = self._fs_root[1]
+        return sorted(p[len(root) + 1:] for p in self.fs.glob(self._target(pattern)))
+
+    def remove(self, name: str) -> None:
+        if self.exists(name):
+            self.fs.rm(self._target(name), recursive=True)
+
+    def write(self, name: str, mode: str = "wb"):
+        return atomic_write(self.path(name), mode)
+
+    def write_json(self, name: str, payload: Any) -> None:
+        write_json(self.path(name), payload)
+
+    def read_json(self, name: str) -> dict:
+        """A JSON file of ours; a truncated or hand-edited one is an InputError naming it."""
+        path = self.path(name)
+        try:
+            with self.open(name, "rb") as f:
+                payload = json.loads(f.read())
+        except (OSError, ValueError) as err:
+            raise InputError(f"{path}: unreadable ({err}); fix or delete it, or pass --overwrite") from err
+        if not isinstance(payload, dict):
+            raise InputError(f"{path}: not a JSON object; fix or delete it, or pass --overwrite")
+        return payload

@@ -1,0 +1,160 @@
+"""Elastic worker groups: the same stream at any size, resumes at other sizes, a reclaimed node mid-run.
+
+Weights are compared within float tolerance, not bitwise: at another size the same micro-batches' gradients
+are summed in another order (on one rank instead of across ranks by DDP's all-reduce) and ZeRO-1 shards the
+Adam update differently, which moves the last bits. Adam then turns a last-bit difference in a gradient that
+is zero in exact arithmetic (the attention key bias) into a difference of up to one lr-sized update, so the
+weights agree to atol 1e-3 = lr for those and far closer elsewhere; a step trained on other sequences or a
+lost optimizer state would be off by more in many weights, and the losses (rel 1e-4) would differ.
+"""
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2.checkpoint import load_part, read_state
+from gpt2.mainlog import read
+from tests.conftest import REPO
+from tests.ray_head import kill_tree, ray_head, ray_node
+from tests.test_train import make_shards
+from training.config import ConfigError, TrainConfig
+from training.data import ShardLoader
+from training.elastic import check_group_sizes
+from training.run import RAY_SNAPSHOT, main
+
+STEPS, EVERY = 60, 5
+# -d 256 = 4 micro-batches of -b 2 x -t 32: 4 micro-steps on one worker, 2 each on two, 2/1/1 on three.
+FLAGS = ["--cpus-per-worker", "1", "-e", "L2H2C64", "-b", "2", "-t", "32", "-d", "256", "-v", "0", "-m", "2",
+         "-s", "0", "-n", str(EVERY), "-l", "1e-3", "-z", "1"]
+
+
+def flags(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["-i", str(data / "*_train_*.bin"), "-j", str(data / "*_val_*.bin"), "-o", str(out), *FLAGS, *extra]
+
+
+def assert_same_training(run: Path, reference: Path, step: int) -> None:
+    """`run`'s checkpoint `step` holds the weights, Adam state and data position of `reference`'s."""
+    ours, theirs = run / f"ckpt_{step:08d}", reference / f"ckpt_{step:08d}"
+    for name, tensor in load_part(theirs, "model.pt").items():
+        torch.testing.assert_close(load_part(ours, "model.pt")[name], tensor, atol=1e-3, rtol=1e-4, msg=name)
+    for index, state in load_part(theirs, "optimizer.pt")["state"].items():
+        for key, tensor in state.items():
+            torch.testing.assert_close(load_part(ours, "optimizer.pt")["state"][index][key], tensor, atol=1e-6,
+                                       rtol=1e-3, msg=f"{index}/{key}")
+    assert read_state(ours)["train_loader"] == read_state(theirs)["train_loader"]
+
+
+def assert_same_losses(run: Path, reference: Path) -> None:
+    ours, theirs = dict(read(run / "main.log")["trl"]), dict(read(reference / "main.log")["trl"])
+    assert ours and all(ours[s] == pytest.approx(theirs[s], rel=1e-4) for s in ours), (ours, theirs)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("shards"), tokens_per_shard=20_000)
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, data, tmp_path_factory) -> Path:
+    """An uninterrupted run on a fixed group of 2 workers."""
+    out = tmp_path_factory.mktemp("runs") / "two_workers"
+    assert main([*flags(data, out), "--workers", "2", "-x", str(STEPS)]) == 0
+    return out
+
+
+def _step_batches(pattern: str, world: int, batch: int, micro_batches: int, steps: int,
+                  resume: dict | None = None) -> tuple[list[torch.Tensor], dict]:
+    """The sequences of each step as `world` ranks of `batch` read them, put back in stream order (micro-batch
+    j is rank j % world's (j // world)-th), and the data position after the last step."""
+    loaders = [ShardLoader(pattern, "-i", batch, 16, rank, world, seed=5) for rank in range(world)]
+    for loader in loaders:
+        if resume:
+            loader.load_state_dict(resume)
+    out = []
+    for _ in range(steps):
+        per_rank = [loader.next_step(micro_batches) for loader in loaders]
+        out.append(torch.cat([per_rank[j % world][j // world][0] for j in range(micro_batches)]))
+    return out, loaders[0].state_dict()
+
+
+def test_every_size_reads_the_same_sequences_and_continues_the_stream_at_another(tmp_path):
+    # 3 train shards of 62 sequences of -t 16; a step of 12 sequences: steps span shards and, after 15, epochs.
+    pattern = str(make_shards(tmp_path, tokens_per_shard=1000, shards=4) / "*_train_*.bin")
+    one_rank, _ = _step_batches(pattern, 1, 12, 1, 20)
+    assert len({tuple(row.tolist()) for step in one_rank[:15] for row in step}) == 15 * 12  # none twice an epoch
+    for world, batch, micro_batches in ((2, 2, 6), (3, 4, 3), (4, 1, 12), (5, 2, 6)):  # 5 ranks: 2/1/1/1/1
+        steps, _ = _step_batches(pattern, world, batch, micro_batches, 20)
+        assert all(torch.equal(a, b) for a, b in zip(steps, one_rank, strict=True)), (world, batch)
+    first, position = _step_batches(pattern, 2, 3, 4, 7)  # 7 steps on 2 ranks, then on to 3 ranks
+    rest, _ = _step_batches(pattern, 3, 2, 6, 13, resume=position)
+    assert all(torch.equal(a, b) for a, b in zip(first + rest, one_rank, strict=True))
+
+
+def test_sizes_that_cannot_keep_the_global_batch_are_refused_naming_those_that_can():
+    config = TrainConfig(micro_batch=2, seq_len=32, total_batch_tokens=256)
+    check_group_sizes(config, 1, 4)
+    with pytest.raises(ConfigError, match=r"^--min-workers 2 --workers 6: -d 256 is 4 micro-batch\(es\) of -b 2 x "
+                                          r"-t 32 per step, too few for a group of 5-6 workers .*sizes that keep "
+                                          r"-d: 2-4;"):
+        check_group_sizes(config, 2, 6)
+    with pytest.raises(ConfigError, match=r"^-d 250 is not a positive multiple of -b 2 x -t 32 = 64 tokens$"):
+        check_group_sizes(TrainConfig(micro_batch=2, seq_len=32, total_batch_tokens=250), 1, 2)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_two_worker_checkpoint_resumes_on_another_size(reference, data, tmp_path, workers):
+    out = tmp_path / f"on_{workers}"
+    resume_at, until = 2 * EVERY, 4 * EVERY
+    assert main([*flags(data, out), "--workers", str(workers), "-x", str(until),
+                 "--resume-from", str(reference / f"ckpt_{resume_at:08d}")]) == 0
+    assert_same_training(out, reference, until)
+    log = (out / "main.log").read_text().splitlines()
+    assert log[0] == f"s:{resume_at} workers:{workers}"  # the resize, recorded where the run resumed
+    assert [int(line.split()[0][2:]) for line in log if " trl:" in line] == list(range(resume_at, until))
+    assert_same_losses(out, reference)
+
+
+def test_a_reclaimed_node_leaves_the_run_on_one_worker_with_the_same_result(reference, data, tmp_path,
+                                                                            tmp_path_factory):
+    """Two nodes of one CPU, a 2-worker run that may shrink to 1; once Ray registered a checkpoint, the second
+    node's process tree is SIGKILLed (no drain, as when a spot instance is reclaimed)."""
+    out = tmp_path / "elastic"
+    # Ray notices a dead node after `health_check_failure_threshold` missed checks of `health_check_period_ms`.
+    fast_detection = {"health_check_period_ms": 1000, "health_check_failure_threshold": 2}
+    with ray_head(tmp_path_factory.mktemp("ray"), num_cpus=1, system_config=fast_detection) as head, \
+            ray_node(head, num_cpus=1) as node:
+        killed: dict[str, object] = {}
+
+        def reclaim_after_first_registered_checkpoint() -> None:
+            snapshot = out / RAY_SNAPSHOT
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not (snapshot.exists() and "ckpt_" in snapshot.read_text()):
+                time.sleep(0.05)
+            killed["finished"] = (out / f"ckpt_{STEPS:08d}").exists()
+            kill_tree(node.pid)
+
+        reclaimer = threading.Thread(target=reclaim_after_first_registered_checkpoint, daemon=True)
+        reclaimer.start()
+        run = subprocess.run([sys.executable, "training/run.py", "--address", head.gcs_address, "--workers", "2",
+                              "--min-workers", "1", *flags(data, out), "-x", str(STEPS)],
+                             cwd=REPO, env=head.env, capture_output=True, text=True, timeout=600)
+        reclaimer.join()
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert killed == {"finished": False}, "the node was not reclaimed while the run was in progress"
+    resize = re.search(r"resize: 2 -> 1 workers at step (\d+) \(rank \d failed: (.*)\); (\d+) step\(s\)", run.stdout)
+    assert resize, run.stdout[-3000:]
+    resumed_at = int(resize[1])
+    assert (out / f"ckpt_{resumed_at:08d}").exists() and resumed_at % EVERY == 0
+    log = (out / "main.log").read_text().splitlines()
+    assert [int(line.split()[0][2:]) for line in log if " trl:" in line] == list(range(STEPS))  # no gap, no repeat
+    assert f"s:{resumed_at} workers:1" in log
+    assert json.loads((out / "summary.json").read_text())["workers"] == 1
+    assert_same_training(out, reference, STEPS)
+    assert_same_losses(out, reference)
