@@ -1,22 +1,30 @@
-"""Tokenize throughput: our Ray Data pipeline against raw tiktoken and a multiprocessing.Pool baseline.
+"""Tokenize throughput: our Ray job against raw tiktoken and a multiprocessing.Pool baseline, plus the
+ceiling of the write path, old (one ordered writer) and new (per-unit parts + parallel shard assembly).
 
     python bench/tokenize_bench.py [--tokens 150e6] [--workers N]
 
-All three run in this process's run on the same documents: the installed Python's docs joined into
-FineWeb-sized documents (~1,000 tokens each). Printed: raw single-process tiktoken tok/s; the Pool + imap
-baseline (llm.c's fineweb.py approach: read, tokenize in a Pool, write shards) end to end; our pipeline end to
-end (read -> filter -> tokenize -> write, Ray cluster already up) at two input sizes, and its steady state
-(the marginal rate between the two sizes, which cancels the fixed start-up of actors and plan); the ratios
-per core; and the peak private memory (RSS less shared pages, so Ray's shared-memory object store is not
-counted once per process that maps it) of the driver plus all Ray workers at both sizes.
+Everything runs in this one process's run, on the same documents: the installed Python's docs joined into
+FineWeb-sized documents (~1,000 tokens each), written as parquet. Printed:
+
+* raw single-process tiktoken tok/s (the unit of "cores of tiktoken");
+* the Pool + imap baseline (llm.c's fineweb.py: read, tokenize in a Pool, fill shards in the parent);
+* the write path alone, fed pre-tokenized documents, no Ray, no BPE, one process: the old path is the
+  ShardStream of commit 103bda1 (loaded from git) that every token used to cross in the driver; the new
+  path is what each worker does per token here (write its unit's tokens, then assemble shards from unit
+  files), which runs in every worker at once, so its ceiling grows with the workers;
+* our job end to end (read -> filter -> tokenize -> write, Ray cluster already up) at two input sizes,
+  its fixed start-up and its steady state (the job's own timings), and the ratios per core;
+* the peak private memory (RSS less shared pages) of the driver plus its Ray cluster at both sizes.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import multiprocessing
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -24,19 +32,27 @@ import time
 from array import array
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
 import psutil  # noqa: E402  (installed with ray[default])
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from pipelines.assemble import assemble_shards  # noqa: E402
+from pipelines.plan import layout_shards  # noqa: E402
 from pipelines.shards import shard_name, write_shard  # noqa: E402
 from pipelines.sources import python_docs_documents  # noqa: E402
 from pipelines.tokenize import TokenizeConfig, tokenize  # noqa: E402
 from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding  # noqa: E402
+from pipelines.workdir import PARTS_DIR, OutputDir, unit_file  # noqa: E402
 
 SHARD_SIZE = 10_000_000
 FILES = 8
+FUNNEL_WRITER_COMMIT = "103bda1"  # the last commit whose driver wrote every shard itself
+WRITE_PATH_TOKENS = 40_000_000
+UNIT_TOKENS = 4_000_000  # the job's largest unit (16 MiB of text) holds about this many tokens
 
 
 def fineweb_sized_documents(target_tokens: int) -> list[str]:
@@ -53,12 +69,12 @@ def fineweb_sized_documents(target_tokens: int) -> list[str]:
     return [f"{doc} ({copy})" for copy in range(copies) for doc in documents]
 
 
-def write_parquet(documents: list[str], directory: Path) -> str:
+def write_parquet(documents: list[str], directory: Path, row_group_size: int) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     per_file = -(-len(documents) // FILES)
     for i in range(FILES):
         table = pa.table({"text": documents[i * per_file:(i + 1) * per_file]})
-        pq.write_table(table, directory / f"part_{i:02d}.parquet", row_group_size=2048)
+        pq.write_table(table, directory / f"part_{i:02d}.parquet", row_group_size=row_group_size)
     return str(directory / "*.parquet")
 
 
@@ -94,8 +110,67 @@ def pool_baseline(pattern: str, out_dir: Path, processes: int) -> float:
     return total / (time.perf_counter() - started)
 
 
+def pretokenized_documents(documents: list[str], total_tokens: int) -> list[np.ndarray]:
+    """EOT + tokens of real documents, repeated up to total_tokens: the write path's input."""
+    encode = gpt2_encoding().encode_ordinary
+    sample = [np.array([EOT_TOKEN, *encode(d)], dtype="<u2") for d in documents[:2000]]
+    per_round = sum(t.size for t in sample)
+    return sample * max(1, total_tokens // per_round)
+
+
+def old_write_path(docs: list[np.ndarray], out_dir: Path) -> float | None:
+    """tok/s of the old driver's ShardStream (loaded from git) fed the batches its actors produced."""
+    try:
+        source = subprocess.run(["git", "show", f"{FUNNEL_WRITER_COMMIT}:pipelines/writer.py"], cwd=REPO,
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None  # no git history here
+    spec = importlib.util.spec_from_loader("funnel_writer", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    exec(compile(source, "funnel_writer.py", "exec"), module.__dict__)
+    batches = []
+    for start in range(0, len(docs), 1024):  # what the old actors sent: one row per document
+        chunk = docs[start:start + 1024]
+        offsets = np.concatenate([[0], np.cumsum([2 * t.size for t in chunk])]).astype(np.int64)
+        tokens = pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(chunk),
+                                                  [None, pa.py_buffer(offsets), pa.py_buffer(np.concatenate(chunk))])
+        batches.append(pa.table({"file": pa.array(np.zeros(len(chunk), np.int32)),
+                                 "row": pa.array(np.arange(start, start + len(chunk), dtype=np.int64)),
+                                 "reason": pa.array(np.zeros(len(chunk), np.int8)), "tokens": tokens}))
+    fingerprint = {"filters": {"dedup": False}}
+    stream = module.ShardStream(out_dir, "old", SHARD_SIZE, fingerprint, ["bench"])
+    started = time.perf_counter()
+    total = sum(stream.add_batch(batch) for batch in batches)
+    stream.finish()
+    return total / (time.perf_counter() - started)
+
+
+def new_write_path(docs: list[np.ndarray], out_dir: Path) -> float:
+    """tok/s of one process doing a worker's write path: write unit token files, assemble shards from them."""
+    out = OutputDir(out_dir)
+    out.makedirs(PARTS_DIR)
+    started = time.perf_counter()
+    unit_tokens, current, size = [], [], 0
+    for doc in [*docs, None]:
+        if doc is not None:
+            current.append(doc)
+            size += doc.size
+        if current and (size >= UNIT_TOKENS or doc is None):
+            unit = len(unit_tokens)
+            with out.write(unit_file(unit, "tokens")) as f:
+                f.write(np.concatenate(current))
+            out.write_json(unit_file(unit, "json"), {"unit": unit, "tokens": size})
+            unit_tokens.append(size)
+            current, size = [], 0
+    for plan in layout_shards(unit_tokens, SHARD_SIZE):
+        assemble_shards(out, "new", [plan])
+    return sum(unit_tokens) / (time.perf_counter() - started)
+
+
 class PeakMemory:
-    """Samples the summed private memory of this process and every Ray process while the pipeline runs."""
+    """Samples the summed private memory of this process and its descendants — the Ray cluster it started,
+    workers included, but no other Ray job on the machine — while the pipeline runs."""
 
     def __init__(self):
         self.peak = 0
@@ -103,12 +178,15 @@ class PeakMemory:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
+        me = psutil.Process()
         while not self._stop.is_set():
             total = 0
-            for proc in psutil.process_iter(["pid", "cmdline", "memory_info"]):
-                cmdline = " ".join(proc.info["cmdline"] or [])
-                if proc.info["pid"] == os.getpid() or cmdline.startswith("ray::"):
-                    total += proc.info["memory_info"].rss - proc.info["memory_info"].shared
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    memory = proc.memory_info()
+                except psutil.Error:  # ended between listing and reading
+                    continue
+                total += memory.rss - memory.shared
             self.peak = max(self.peak, total)
             self._stop.wait(0.2)
 
@@ -121,21 +199,23 @@ class PeakMemory:
         self._thread.join()
 
 
-def ours(pattern: str, out_dir: Path, workers: int | None) -> tuple[int, float, int, int]:
-    """(tokens, seconds, peak private bytes, actors) of one end-to-end run of the pipeline."""
+def ours(pattern: str, out_dir: Path, workers: int | None) -> tuple[dict, float, int]:
+    """(manifest, seconds, peak private bytes) of one end-to-end run of the job."""
     config = TokenizeConfig(source="files", input=pattern, output_dir=out_dir, prefix="ours",
                             shard_size=SHARD_SIZE, num_workers=workers, overwrite=True)
     with PeakMemory() as memory:
         started = time.perf_counter()
         manifest = tokenize(config)
         elapsed = time.perf_counter() - started
-    return manifest["total_tokens"], elapsed, memory.peak, manifest["num_workers"]
+    return manifest, elapsed, memory.peak
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=float, default=150e6, help="approximate tokens in the large input")
     parser.add_argument("--workers", type=int, help="tokenizer actors and Pool processes (default: CPU count)")
+    parser.add_argument("--row-group-size", type=int, default=2048,
+                        help="rows per parquet row group of the input (FineWeb dumps come with 100 and up)")
     args = parser.parse_args()
     import ray
 
@@ -146,33 +226,52 @@ def main() -> None:
     try:
         large_docs = fineweb_sized_documents(int(args.tokens))
         small_docs = large_docs[:len(large_docs) // 4]
-        large = write_parquet(large_docs, work / "large")
-        small = write_parquet(small_docs, work / "small")
-        print(f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
-              f"{len(large_docs):,} docs; {cores} workers")
+        large = write_parquet(large_docs, work / "large", args.row_group_size)
+        small = write_parquet(small_docs, work / "small", args.row_group_size)
+        print(f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, load average "
+              f"{os.getloadavg()[0]:.1f} at start; {len(large_docs):,} docs in row groups of "
+              f"{args.row_group_size}; {cores} workers")
 
-        raw = raw_tiktoken(large_docs)
+        raw = raw_tiktoken(small_docs)
         (work / "pool").mkdir()
         pool = pool_baseline(large, work / "pool", cores)
         started = time.perf_counter()
         connect()
         print(f"ray cluster start (not counted below): {time.perf_counter() - started:.1f}s, "
               f"{ray.cluster_resources().get('CPU')} CPUs")
-        small_tokens, small_s, small_mem, _ = ours(small, work / "ours_small", args.workers)
-        large_tokens, large_s, large_mem, workers = ours(large, work / "ours_large", args.workers)
-        end_to_end = large_tokens / large_s
-        steady = (large_tokens - small_tokens) / (large_s - small_s)
+        small_run, small_s, small_mem = ours(small, work / "ours_small", args.workers)
+        large_run, large_s, large_mem = ours(large, work / "ours_large", args.workers)
+        pretokenized = pretokenized_documents(large_docs, WRITE_PATH_TOKENS)
+        (work / "old").mkdir()
+        old_ceiling = old_write_path(pretokenized, work / "old")
+        new_ceiling = new_write_path(pretokenized, work / "new")
+        workers, tokens = large_run["num_workers"], large_run["total_tokens"]
+        timings = large_run["timings_s"]
+        end_to_end = tokens / large_s
+        steady = tokens / timings["tokenize_s"]
+
+        def cores_of(rate: float) -> str:
+            return f"{rate / raw:5.1f} cores of tiktoken"
 
         print(f"raw tiktoken, 1 process          : {raw:12,.0f} tok/s")
+        if old_ceiling is not None:
+            print(f"write path, old (1 driver)       : {old_ceiling:12,.0f} tok/s = {cores_of(old_ceiling)}, "
+                  "the job's ceiling whatever the cluster")
+        print(f"write path, new, per worker      : {new_ceiling:12,.0f} tok/s = {cores_of(new_ceiling)}, "
+              f"x {workers} workers here = {cores_of(new_ceiling * workers)}")
         print(f"multiprocessing.Pool({cores}) + imap   : {pool:12,.0f} tok/s end to end")
-        print(f"ours, {workers} actors, end to end      : {end_to_end:12,.0f} tok/s "
-              f"({large_tokens:,} tokens in {large_s:.1f}s; {small_tokens:,} in {small_s:.1f}s)")
-        print(f"ours, {workers} actors, steady state    : {steady:12,.0f} tok/s")
+        print(f"ours, {workers} workers, end to end     : {end_to_end:12,.0f} tok/s "
+              f"({tokens:,} tokens in {large_s:.1f}s; {small_run['total_tokens']:,} in {small_s:.1f}s)")
+        print(f"ours, start-up / encode / finish : {timings['startup_s']:.1f}s (workers {timings['workers_s']:.1f}s) / "
+              f"{timings['tokenize_s']:.1f}s / {timings['finish_s']:.1f}s; small run start-up "
+              f"{small_run['timings_s']['startup_s']:.1f}s")
+        print(f"ours, steady state (encode phase): {steady:12,.0f} tok/s")
         print(f"end to end / (raw x {workers} cores)    : {end_to_end / (raw * workers):.2f}   (target >= 0.90)")
         print(f"steady state / (raw x {workers} cores)  : {steady / (raw * workers):.2f}")
         print(f"end to end / Pool baseline       : {end_to_end / pool:.2f}   (target >= 1.00)")
-        print(f"peak private memory, driver + Ray: {small_mem / 2**20:,.0f} MiB at {small_tokens:,} tokens, "
-              f"{large_mem / 2**20:,.0f} MiB at {large_tokens:,} tokens")
+        print(f"peak private memory, driver + Ray: {small_mem / 2**20:,.0f} MiB at {small_run['total_tokens']:,} "
+              f"tokens, {large_mem / 2**20:,.0f} MiB at {tokens:,} tokens")
+        print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

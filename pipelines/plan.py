@@ -17,7 +17,15 @@ import numpy as np
 
 from pipelines.sources import InputFiles, Piece
 
-DEFAULT_UNIT_BYTES = 16 << 20  # ~4M tokens of English, a second or two of BPE on one core
+MAX_UNIT_BYTES = 16 << 20  # ~4M tokens of English, a second or two of BPE on one core
+MIN_UNIT_BYTES = 1 << 20  # below this the per-unit overhead (files, calls) starts to show
+UNITS_PER_WORKER = 8  # so that the last units, which some workers wait for, are a small part of the job
+
+
+def unit_bytes_for(inputs: InputFiles, workers: int) -> int:
+    """A unit size that gives every worker several units, within [MIN_UNIT_BYTES, MAX_UNIT_BYTES]."""
+    text_bytes = sum(size for groups in inputs.row_groups for _, size in groups)
+    return int(min(MAX_UNIT_BYTES, max(MIN_UNIT_BYTES, text_bytes / (UNITS_PER_WORKER * max(1, workers)))))
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,7 @@ def _segments(inputs: InputFiles, unit_bytes: int):
             first_row += rows
 
 
-def plan_units(inputs: InputFiles, unit_bytes: int = DEFAULT_UNIT_BYTES) -> list[WorkUnit]:
+def plan_units(inputs: InputFiles, unit_bytes: int) -> list[WorkUnit]:
     """Cut the input into work units of about `unit_bytes` of text each, in document order."""
     units: list[WorkUnit] = []
     pieces: list[Piece] = []

@@ -58,10 +58,12 @@ def _http_status(err: BaseException) -> int | None:
 
 
 def _transient_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module in ("httpx2", "httpx"):  # huggingface_hub's HTTP client; its transport errors are not OSErrors
-        if module in sys.modules:
-            types.append(sys.modules[module].TransportError)
+    """Errors of a connection that was made and then failed. Not failing to connect at all (no DNS, no
+    route, refused): huggingface_hub already retried those, and a host that cannot be reached stays so."""
+    types: list[type[BaseException]] = [ConnectionResetError, BrokenPipeError, TimeoutError]
+    for module in ("httpx2", "httpx"):  # huggingface_hub's HTTP client; its errors are not OSErrors
+        if client := sys.modules.get(module):
+            types += [client.TimeoutException, client.ReadError, client.WriteError, client.RemoteProtocolError]
     return tuple(types)
 
 
@@ -76,18 +78,23 @@ def is_transient(err: BaseException) -> bool:
 
 
 def with_retries(call: Callable[[], Result], what: str) -> Result:
-    """`call()`, again with exponential backoff while it fails transiently; `what` names it in the notes."""
-    for attempt in range(1, RETRY_ATTEMPTS + 1):
+    """`call()`, again with exponential backoff while it fails transiently; `what` names it in the notes.
+    Still failing after the last attempt, it is one InputError line: a rerun resumes where the job stopped."""
+    attempt = 1
+    while True:
         try:
             return call()
         except Exception as err:
-            if attempt == RETRY_ATTEMPTS or not is_transient(err):
+            if not is_transient(err):
                 raise
+            if attempt == RETRY_ATTEMPTS:
+                raise InputError(f"{what}: still failing after {RETRY_ATTEMPTS} attempts ({_short(err)}); "
+                                 "rerun the same command to resume") from err
             wait = min(RETRY_MAX_WAIT_S, RETRY_FIRST_WAIT_S * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
             print(f"note: {what}: {_short(err)}; retry {attempt}/{RETRY_ATTEMPTS - 1} in {wait:.1f}s",
                   file=sys.stderr)
             time.sleep(wait)
-    raise AssertionError("unreachable")
+            attempt += 1
 
 
 def _short(err: BaseException) -> str:
@@ -336,14 +343,15 @@ def files_from_glob(pattern: str) -> InputFiles:
 def files_from_hub(name: str, repo: str = FINEWEB_EDU_REPO) -> InputFiles:
     """The parquet files of a FineWeb-Edu sample (e.g. sample-10BT -> sample/10BT/*.parquet) on the hub.
 
-    The hub is `huggingface_hub`'s endpoint (HF_ENDPOINT, default huggingface.co), fixed here so that the
-    filesystem the workers unpickle talks to the same server as the driver.
+    The hub is `huggingface_hub`'s endpoint (HF_ENDPOINT, default huggingface.co) as the driver sees it.
     """
     from huggingface_hub import HfFileSystem, constants
 
     if not name.startswith("sample-"):
         raise InputError(f"--name {name!r}: expected one of {', '.join(FINEWEB_EDU_SAMPLES)}")
-    fs = HfFileSystem(endpoint=constants.ENDPOINT)
+    # A fresh instance: the cached default one would pickle without its endpoint, and a worker that
+    # unpickles it would talk to its own default hub instead.
+    fs = HfFileSystem(endpoint=constants.ENDPOINT, skip_instance_cache=True)
     folder = f"datasets/{repo}/sample/{name.removeprefix('sample-')}"
     try:
         matches = sorted(with_retries(lambda: fs.glob(f"{folder}/*.parquet"), f"listing hf://{folder}"))

@@ -40,7 +40,7 @@ from pipelines.dedup import find_duplicates
 from pipelines.encode import EncodeJob
 from pipelines.files import is_url, local_path
 from pipelines.filters import DROP_REASONS, FilterConfig
-from pipelines.plan import DEFAULT_UNIT_BYTES, ShardPlan, WorkUnit, layout_shards, plan_units
+from pipelines.plan import ShardPlan, WorkUnit, layout_shards, plan_units, unit_bytes_for
 from pipelines.shards import MAX_SHARD_TOKENS, ShardFormatError, read_header
 from pipelines.sources import (
     FINEWEB_EDU_SAMPLES,
@@ -76,7 +76,7 @@ class TokenizeConfig:
     num_workers: int | None = None  # default: one tokenizer actor per CPU in the cluster
     cpus_per_worker: float | None = None  # default: the cluster's CPUs shared by the workers, at most 1 each
     batch_size: int = 1024  # rows per parquet read batch
-    unit_bytes: int = DEFAULT_UNIT_BYTES
+    unit_bytes: int | None = None  # default: unit_bytes_for the input and the workers
     node_resource: str | None = None  # a custom Ray resource: run the work only on nodes that have it
     start_timeout: float = 600.0
     overwrite: bool = False
@@ -199,21 +199,24 @@ class _Progress:
             print(f"tokenize: {units_done}/{self.bar.total} units, {tokens:,} tokens this run, {rate:,.0f} tok/s",
                   flush=True)
 
-    def close(self) -> None:
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
         self.bar.close()
 
 
 class _Driver:
     """Schedules units and shards on the workers and keeps the counters; no token passes through it."""
 
-    def __init__(self, config: TokenizeConfig, out: OutputDir, inputs: InputFiles, units: list[WorkUnit]):
+    def __init__(self, config: TokenizeConfig, out: OutputDir, inputs: InputFiles):
         import ray
 
         self.ray = ray
         self.config = config
         self.out = out
         self.inputs = inputs
-        self.units = units
+        self.units: list[WorkUnit] = []
         self.counters: dict[int, dict] = {}  # unit -> what its worker reported (done units)
         self.shards: dict[int, dict] = {}  # shard index -> its manifest entry (written shards)
         self.duplicates: dict[int, dict] = {}  # unit -> --dedup's {"docs", "tokens" dropped, "files" naming them}
@@ -263,27 +266,32 @@ class _Driver:
         self.resumed = {"units": len(self.counters), "shards": len(self.shards)}
 
     # ---- workers -----------------------------------------------------------------------------------------
-    def start_workers(self, columns: list[str]) -> None:
-        """Start the actors and wait until each has built its tokenizer; fail fast, or after
-        --start-timeout, with one line if the cluster cannot host them."""
+    def size_workers(self) -> None:
+        """How many workers, with how many CPUs each; fails at once if no node could ever host one."""
         ray, config = self.ray, self.config
         nodes = [n for n in ray.nodes() if n["Alive"]]
         if config.node_resource:
             nodes = [n for n in nodes if n["Resources"].get(config.node_resource, 0) > 0]
         node_cpus = [n["Resources"].get("CPU", 0) for n in nodes]
-        num_workers = config.num_workers or int(sum(node_cpus))
-        if num_workers < 1:
+        self.num_workers = config.num_workers or int(sum(node_cpus))
+        if self.num_workers < 1:
             where = f"no node with the resource {config.node_resource!r} is up yet" if config.node_resource \
                 else "the Ray cluster has no CPUs"
             raise InputError(f"--num-workers: {where} to count; give --num-workers")
-        cpus = config.cpus_per_worker or min(1.0, sum(node_cpus) / num_workers)
+        self.cpus = config.cpus_per_worker or (1.0 if config.node_resource
+                                               else min(1.0, sum(node_cpus) / self.num_workers))
         largest = max(node_cpus, default=0)
-        if cpus > largest:
+        if self.cpus > largest:
             if not config.node_resource:  # no autoscaler adds nodes the job did not ask for by resource
-                raise InputError(f"--cpus-per-worker {cpus:g}: no node of the cluster has that many CPUs "
+                raise InputError(f"--cpus-per-worker {self.cpus:g}: no node of the cluster has that many CPUs "
                                  f"(the largest has {largest:g}); a worker could never start")
-            print(f"note: no node with {config.node_resource!r} and {cpus:g} CPUs is up; waiting up to "
+            print(f"note: no node with {config.node_resource!r} and {self.cpus:g} CPUs is up; waiting up to "
                   f"{config.start_timeout:g}s for the autoscaler to start one", flush=True)
+
+    def start_workers(self, columns: list[str]) -> None:
+        """Start the actors and wait until each has built its tokenizer; after --start-timeout without any,
+        one line says what they need."""
+        ray, config, cpus, num_workers = self.ray, self.config, self.cpus, self.num_workers
         job = EncodeJob(self.inputs, self.out, config.filters, columns, config.batch_size)
         self.new_worker = functools.partial(
             ray.remote(TokenizeWorker).options(num_cpus=cpus, **self.remote_args).remote, ray.put(job))
@@ -457,35 +465,38 @@ def tokenize(config: TokenizeConfig) -> dict:
         print(f"already complete: {len(manifest['shards'])} shards, {manifest['total_tokens']:,} tokens "
               f"in {out} (use --overwrite to redo)")
         return manifest
-    units, new_run = _load_or_plan_units(out, fingerprint, inputs, config.unit_bytes)
     for column in config.filters.threshold_columns():
         if column not in inputs.columns:
             print(f"note: the {column} filter does not apply: {inputs.paths[0]} has no {column!r} column")
     inputs_ready = time.monotonic()
 
-    driver = _Driver(config, out, inputs, units)
-    progress = _Progress(len(units), 0)
+    driver = _Driver(config, out, inputs)
+    new_run = False
     try:
         try:
             connect(config.address)
         except ConnectionError as err:
             raise InputError(f"--address {config.address or os.environ.get('RAY_ADDRESS')}: {err}") from err
         connected = time.monotonic()
+        driver.size_workers()
+        unit_bytes = config.unit_bytes or unit_bytes_for(inputs, driver.num_workers)
+        driver.units, new_run = _load_or_plan_units(out, fingerprint, inputs, unit_bytes)
         driver.load_progress()
         if driver.resumed["units"] or driver.resumed["shards"]:
-            print(f"resuming: {driver.resumed['units']}/{len(units)} units and {driver.resumed['shards']} shards "
-                  f"already written in {out}")
+            print(f"resuming: {driver.resumed['units']}/{len(driver.units)} units and {driver.resumed['shards']} "
+                  f"shards already written in {out}")
         driver.start_workers(["text", *[c for c in config.filters.threshold_columns() if c in inputs.columns]])
         workers_ready = time.monotonic()
-        timings = driver.run(progress)
+        with _Progress(len(driver.units), len(driver.counters)) as progress:
+            timings = driver.run(progress)
     except BaseException:
         if new_run and not driver.counters:  # a run that failed before any progress leaves -o as it found it
             out.remove(STATE_FILE)
             out.remove(PARTS_DIR)
         raise
     finally:
-        progress.close()
         driver.stop()
+    units = driver.units
 
     shards = [driver.shards[index] for index in range(len(driver.shards))]
     if not shards:
@@ -561,8 +572,9 @@ def parse_args(argv: list[str] | None = None) -> TokenizeConfig:
     parser.add_argument("--cpus-per-worker", type=float,
                         help="Ray CPUs per tokenizer actor (default: the cluster's CPUs shared, at most 1)")
     parser.add_argument("--batch-size", type=int, default=1024, help="rows per parquet read batch")
-    parser.add_argument("--unit-bytes", type=int, default=DEFAULT_UNIT_BYTES,
-                        help="text bytes per work unit (default 16 MiB): row groups are merged or cut to this")
+    parser.add_argument("--unit-bytes", type=int,
+                        help="text bytes per work unit: row groups are merged or cut to this (default: 8 units "
+                             "per worker, from 1 to 16 MiB)")
     parser.add_argument("--node-resource", metavar="NAME",
                         help="run only on nodes with this custom Ray resource, e.g. data_node (cluster.yaml's "
                              "CPU data nodes); the job then waits for the autoscaler to start them")

@@ -140,7 +140,8 @@ def _tokenize_lines(*bad: tuple[int, bytes]) -> Callable[[Path], list[str]]:
             lines[number - 1] = raw
         (tmp / "in").mkdir()
         (tmp / "in" / "docs.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
-        return ["pipelines/tokenize.py", "--input", str(tmp / "in" / "docs.jsonl"), "-o", str(tmp / "out")]
+        return ["pipelines/tokenize.py", "--input", str(tmp / "in" / "docs.jsonl"), "-o", str(tmp / "out"),
+                "--num-workers", "1"]
     return setup
 
 
@@ -149,7 +150,8 @@ def _tokenize_parquet(tmp: Path, table) -> list[str]:
 
     (tmp / "in").mkdir()
     pq.write_table(table, tmp / "in" / "docs.parquet", row_group_size=100, use_dictionary=False)
-    return ["pipelines/tokenize.py", "--input", str(tmp / "in" / "docs.parquet"), "-o", str(tmp / "out")]
+    return ["pipelines/tokenize.py", "--input", str(tmp / "in" / "docs.parquet"), "-o", str(tmp / "out"),
+            "--num-workers", "1"]
 
 
 def _corrupt_data_page(tmp: Path) -> list[str]:
@@ -200,6 +202,9 @@ CASES = [
          ray=True),
     Case("tokenize: --cpus-per-worker beyond any node", lambda tmp: _tokenize(tmp, "--cpus-per-worker", "64"),
          "--cpus-per-worker 64", ray=True),
+    Case("tokenize: --node-resource no node has", lambda tmp: _tokenize(
+        tmp, "--node-resource", "data_node", "--num-workers", "1", "--start-timeout", "3"), "--start-timeout 3",
+         ray=True),
     Case("train.py: fresh run into a used -o", _used_output_dir("training/train.py"), "-y 1"),
     Case("run.py: fresh run into a used -o", _used_output_dir("training/run.py"), "-y 1"),
     Case("train.py: -y 1 with another -l", _resume_with_other_flags, "-l 0.001 -> 0.5"),
@@ -243,6 +248,8 @@ CASES = [
     Case("run.py: -d that does not split into micro-batches", _engine("training/run.py", "-d", "1000"), "-d 1000"),
     Case("run.py: more workers than the local cluster holds", _engine("training/run.py", "--workers", "64"),
          "--workers 64"),
+    Case("run.py: an elastic range with groups -d cannot split over",  # -b 2 x -t 16: -d 192 is 6 micro-batches
+         _engine("training/run.py", "--workers", "8", "--min-workers", "2", "-d", "192"), "sizes that keep -d: 2-6"),
 ]
 
 

@@ -1,11 +1,13 @@
 """Elastic worker groups: the same stream at any size, resumes at other sizes, a reclaimed node mid-run.
 
-Weights are compared within float tolerance, not bitwise: at another size the same micro-batches' gradients
-are summed in another order (on one rank instead of across ranks by DDP's all-reduce) and ZeRO-1 shards the
-Adam update differently, which moves the last bits. Adam then turns a last-bit difference in a gradient that
-is zero in exact arithmetic (the attention key bias) into a difference of up to one lr-sized update, so the
-weights agree to atol 1e-3 = lr for those and far closer elsewhere; a step trained on other sequences or a
-lost optimizer state would be off by more in many weights, and the losses (rel 1e-4) would differ.
+Runs at another size are compared to an uninterrupted 2-worker run within float tolerance, not bitwise: the
+same micro-batches' gradients are summed in another order (on one rank rather than across ranks by DDP's
+all-reduce) and ZeRO-1 shards the Adam update differently, which moves last bits; Adam then turns a last-bit
+difference in a gradient that is zero in exact arithmetic (the attention key bias) into a weight difference
+well above float epsilon. Measured here after 10 steps at another size: weights within 3e-6, Adam moments
+within 4e-9, train losses within 1e-7 relative. The tolerances (weights 1e-4, one tenth of an lr-1e-3 update;
+losses 1e-5 relative) leave room for that and for a longer run, and are far below what another batch of
+sequences or a lost optimizer state gives (losses off by ~1e-3 relative, weights by ~lr per step).
 """
 
 import json
@@ -43,7 +45,7 @@ def assert_same_training(run: Path, reference: Path, step: int) -> None:
     """`run`'s checkpoint `step` holds the weights, Adam state and data position of `reference`'s."""
     ours, theirs = run / f"ckpt_{step:08d}", reference / f"ckpt_{step:08d}"
     for name, tensor in load_part(theirs, "model.pt").items():
-        torch.testing.assert_close(load_part(ours, "model.pt")[name], tensor, atol=1e-3, rtol=1e-4, msg=name)
+        torch.testing.assert_close(load_part(ours, "model.pt")[name], tensor, atol=1e-4, rtol=1e-4, msg=name)
     for index, state in load_part(theirs, "optimizer.pt")["state"].items():
         for key, tensor in state.items():
             torch.testing.assert_close(load_part(ours, "optimizer.pt")["state"][index][key], tensor, atol=1e-6,
@@ -53,7 +55,7 @@ def assert_same_training(run: Path, reference: Path, step: int) -> None:
 
 def assert_same_losses(run: Path, reference: Path) -> None:
     ours, theirs = dict(read(run / "main.log")["trl"]), dict(read(reference / "main.log")["trl"])
-    assert ours and all(ours[s] == pytest.approx(theirs[s], rel=1e-4) for s in ours), (ours, theirs)
+    assert ours and all(ours[s] == pytest.approx(theirs[s], rel=1e-5) for s in ours), (ours, theirs)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,9 @@
 scraping a run.py run's gauges, every query of the Grafana dashboard against it, the Train state API, and
 the run's driver log.
 
-One 2-worker run (-h 1) serves the tests. The head exports metrics every 2 s instead of Ray's 10 s
-(`metrics_report_interval_ms`) and Prometheus scrapes every 1 s, so a series missing from one export shows.
+One 2-worker run (-h 1) serves the tests. The head exports metrics every 5 s instead of Ray's 10 s
+(`metrics_report_interval_ms`; Ray's agent keeps a gauge for two such intervals, so much shorter ones drop
+series on a loaded machine) and Prometheus scrapes every 1 s, so a series missing from one export shows.
 """
 
 import json
@@ -37,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "evals" / "data" / "hellaswag_smoke.jsonl"
 RUN_NAME = "monitored"
 STEPS, EVERY = 100, 50
-EXPORT_INTERVAL_S = 2
+EXPORT_INTERVAL_S = 5
 # On CPU the engine has no peak FLOPs to divide by: MFU is never set, so its series and panel stay empty.
 NOT_ON_CPU = {"raygpt2_mfu"}
 # Ray drops a gauge ~20 s after it was last set; this one is set once and must stay well past that.
@@ -222,19 +223,21 @@ def test_train_state_api_shows_the_run(head, run):
 
 def test_driver_log_is_the_engine_console_once_without_ray_train_report_lines(run):
     log = run["log"]
-    assert "Reporting training result" not in log and "[repeated" not in log
+    assert "Reporting training result" not in log
     engine = [re.sub(r"^(\x1b\[\d+m)?\(RayTrainWorker pid=\d+(, ip=[\d.]+)?\)(\x1b\[0m)? ", "", line)
               for line in log.splitlines() if "RayTrainWorker pid=" in line]
     steps = [int(m[1]) for line in engine if (m := re.match(rf"step +(\d+)/{STEPS} \| loss", line))]
     assert steps == list(range(1, STEPS + 1))
     assert sum(line.startswith("val loss ") for line in engine) == 3  # steps 0, 50 and 100
     assert sum(line == "generating:" for line in engine) == 2
-    for step in (EVERY, STEPS):
-        assert sum(line.startswith(f"step {step} | hellaswag acc_norm") for line in engine) == 1
+    for step in (EVERY, STEPS):  # a result, or on a slow machine "skipped" (not the last step's)
+        assert sum(line.startswith(f"step {step} | hellaswag ") for line in engine) == 1
         assert sum(line.startswith(f"progress {step}/{STEPS} steps") for line in engine) == 1
+    assert sum(line.startswith(f"step {STEPS} | hellaswag acc_norm") for line in engine) == 1
     sample_markup = {"generating:", "---"}  # around each sample's text
     repeated = [line for line, count in Counter(engine).items() if count > 1 and line not in sample_markup]
-    assert not repeated, repeated
+    # Ray marks a line that several processes printed at once "[repeated Nx across cluster]".
+    assert not repeated and not [line for line in engine if "[repeated" in line], repeated
 
 
 def test_cluster_yaml_head_runs_prometheus_and_grafana_with_the_dashboard():

@@ -117,4 +117,7 @@ def test_nan_loss_stops_the_run_naming_rank_and_step_without_retrying_forever(ra
 
 def test_global_batch_that_does_not_divide_names_the_numbers(data, tmp_path, capsys):
     assert run(data, tmp_path / "bad", "--workers", "3", "-d", "1000") == 2
-    assert "-d 1000 is not a positive multiple of -b 2 x -t 32 x 3 rank(s) = 192 tokens" in capsys.readouterr().err
+    assert "-d 1000 is not a positive multiple of -b 2 x -t 32 = 64 tokens" in capsys.readouterr().err
+    assert run(data, tmp_path / "bad", "--workers", "3", "-d", "128") == 2  # 2 micro-batches for 3 workers
+    assert "--workers 3: -d 128 is 2 micro-batch(es) of -b 2 x -t 32 per step, fewer than the workers" in \
+        capsys.readouterr().err

@@ -47,9 +47,9 @@ def run_dir(ray_cluster, data, tmp_path_factory) -> Path:
 
 
 def test_eval_lines_in_step_order_and_nothing_of_size_left_behind(run_dir):
-    eval_steps = list(range(EVERY, STEPS + 1, EVERY))
+    scored = [r["step"] for r in records(run_dir) if "skipped" not in r]  # a loaded machine may skip one
     evals = read(run_dir / "main.log")["eval"]
-    assert [step for step, _ in evals] == eval_steps and all(0.0 <= value <= 1.0 for _, value in evals)
+    assert [step for step, _ in evals] == scored and all(0.0 <= value <= 1.0 for _, value in evals)
     assert (run_dir / "main.log").read_text().splitlines()[-1].startswith(f"s:{STEPS} eval:")  # awaited at the end
     # The tasks read weights from Ray's object store: no eval checkpoints or snapshots on disk, only -n's
     # schedule (here: the final checkpoint), the logs and Ray Train's own bookkeeping.
@@ -59,10 +59,10 @@ def test_eval_lines_in_step_order_and_nothing_of_size_left_behind(run_dir):
 
 
 def test_evals_ran_in_ray_tasks_while_training_went_on(run_dir):
-    by_step = {r["step"]: r for r in records(run_dir)}
-    assert sorted(by_step) == list(range(EVERY, STEPS + 1, EVERY))
-    assert all(r["mode"] == "ray tasks" and r["num_total"] == 24 for r in by_step.values())
-    for step in range(EVERY, STEPS, EVERY):  # not the last: the run ends after it
+    assert sorted(r["step"] for r in records(run_dir)) == list(range(EVERY, STEPS + 1, EVERY))  # each accounted for
+    by_step = {r["step"]: r for r in records(run_dir) if "skipped" not in r}
+    assert STEPS in by_step and all(r["mode"] == "ray tasks" and r["num_total"] == 24 for r in by_step.values())
+    for step in sorted(by_step)[:-1]:  # not the last: the run ends after it
         # The loop only polled: training went on while the eval ran, and the result came in a later step.
         assert by_step[step]["steps_done_at_collection"] > step, by_step[step]
         assert by_step[step]["submitted_at"] <= min(start for start, _ in by_step[step]["task_spans"])

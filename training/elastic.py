@@ -30,11 +30,13 @@ def check_group_sizes(config: TrainConfig, min_workers: int, max_workers: int) -
     micro_batches = config.micro_batches_per_step(1)  # -d not a multiple of B x T: the engine's own error
     if micro_batches >= max_workers:
         return
-    flags = f"--workers {max_workers}" if min_workers == max_workers else \
-        f"--min-workers {min_workers} --workers {max_workers}"
+    step = (f"-d {config.tokens_per_step(max_workers)} is {micro_batches} micro-batch(es) of -b {config.micro_batch} "
+            f"x -t {config.seq_len} per step")
+    if min_workers == max_workers:
+        raise ConfigError(f"--workers {max_workers}: {step}, fewer than the workers (each needs one); lower "
+                          "--workers or -b")
     works = _sizes(min_workers, micro_batches) if micro_batches >= min_workers else "none of them"
-    raise ConfigError(f"{flags}: -d {config.tokens_per_step(max_workers)} is {micro_batches} micro-batch(es) of "
-                      f"-b {config.micro_batch} x -t {config.seq_len} per step, too few for a group of "
+    raise ConfigError(f"--min-workers {min_workers} --workers {max_workers}: {step}, too few for a group of "
                       f"{_sizes(micro_batches + 1, max_workers)} workers (each rank needs one); sizes that keep -d: "
                       f"{works}; lower --workers or -b")
 

@@ -53,8 +53,9 @@ SERIES: tuple[Series, ...] = (
     Series("elapsed_s", "raygpt2_elapsed_seconds", "Wall-clock time since the launch, in seconds", "s"),
     Series("eta_s", "raygpt2_eta_seconds", "Estimated time to the last step, in seconds (mean time of the last 20 "
                                            "steps, validation and checkpoints included)", "s"),
-    Series("cost_usd", "raygpt2_estimated_cost_usd", "Estimated cost so far in US dollars (elapsed hours x workers "
-                                                     "x --gpu-hour-usd); absent on CPU without a price",
+    Series("cost_usd", "raygpt2_estimated_cost_usd", "Estimated cost so far in US dollars (worker-hours used x "
+                                                     "--gpu-hour-usd; elapsed hours x workers unless an elastic run "
+                                                     "resized); absent on CPU without a price",
            "currencyUSD"),
     Series("hellaswag_acc", "raygpt2_hellaswag_acc", "HellaSwag accuracy of the last -h 1 eval as a fraction 0-1",
            "percentunit"),
@@ -71,7 +72,7 @@ class RunGauges:
     sets those and re-sets every value seen before, so each series carries its latest value at every scrape.
     """
 
-    def __init__(self, run_name: str, keep_alive_s: float = KEEP_ALIVE_S):
+    def __init__(self, run_name: str):
         from ray.util.metrics import Gauge
 
         self._gauges = {}
@@ -81,7 +82,6 @@ class RunGauges:
             self._gauges[series.key] = gauge
         self._values: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._keep_alive_s = keep_alive_s
         threading.Thread(target=self._keep_alive, name="raygpt2-gauges", daemon=True).start()
 
     def update(self, metrics: Mapping[str, object]) -> None:
@@ -97,6 +97,6 @@ class RunGauges:
     def _keep_alive(self) -> None:
         # A daemon thread: it ends with the worker process, and so does the run's presence in the export.
         while True:
-            time.sleep(self._keep_alive_s)
+            time.sleep(KEEP_ALIVE_S)
             with self._lock:
                 self._publish()

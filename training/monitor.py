@@ -77,7 +77,8 @@ def _variable(name: str, query: str, description: str, multi: bool) -> dict[str,
         "name": name, "type": "query", "datasource": "${datasource}", "definition": query,
         "query": {"query": query, "refId": f"{name}-query"}, "description": description, "refresh": 2,
         "includeAll": True, "allValue": ".+", "multi": multi, "sort": 1, "hide": 0,
-        "current": {"selected": True, "text": ["All"], "value": ["$__all"]}, "options": [],
+        "current": {"selected": True, "text": ["All"] if multi else "All", "value": ["$__all"] if multi else "$__all"},
+        "options": [],
     }
 
 

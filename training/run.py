@@ -15,6 +15,11 @@ gets each checkpoint (and main.log) uploaded from a local staging directory. A f
 restart the group from the latest registered checkpoint (`--max-failures`); errors that a restart cannot
 fix (NaN loss, bad data, OOM, bad checkpoint) stop the run with one line naming the rank and step.
 
+`--workers MAX --min-workers MIN` makes the group elastic (spot capacity): Ray Train runs it at any size in
+between that the cluster has room for and restarts it at a new size from the latest checkpoint when a node
+is lost or added. -d stays the global batch at every size (training/elastic.py checks the sizes at launch);
+each new group's rank 0 records a resize on the console and in main.log.
+
 `-h 1` (llm.c's flag) scores HellaSwag on every -v step's checkpoint in Ray tasks beside the training
 (training/run_hellaswag.py). Rank 0 prints elapsed / ETA / estimated cost every -v steps and writes
 `summary.json` at the end (training/progress.py).
@@ -60,7 +65,7 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 # Errors that a restart from the last checkpoint would only repeat.
 # Elastic runs' RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S unless set: room for a group Ray Train sized from ready
 # resources is there at once, so a longer wait only delays the retry after a lost node (see launch_run).
-ELASTIC_GROUP_START_TIMEOUT_S = 20
+ELASTIC_GROUP_START_TIMEOUT_S = 10
 DETERMINISTIC_ERRORS = (ConfigError, CheckpointError, ShardFormatError, LlmcFormatError, HellaSwagFormatError,
                         TrainingDiverged, torch.OutOfMemoryError)
 
@@ -384,6 +389,8 @@ class _WorkerHooks:
             if self.launch.remote:
                 self.reports.upload("main.log")
                 self.reports.upload("summary.json")
+                if (Path(self.config.output_dir) / "hellaswag.jsonl").exists():
+                    self.reports.upload("hellaswag.jsonl")
         self.reports.report({"step": result.steps, **self.hellaswag_metrics, "timestamp": time.time()})
 
     def _write_summary(self, result: TrainResult) -> None:
