@@ -214,6 +214,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=float, default=150e6, help="approximate tokens in the large input")
     parser.add_argument("--workers", type=int, help="tokenizer actors and Pool processes (default: CPU count)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds; the best of each rate is kept")
     parser.add_argument("--row-group-size", type=int, default=2048,
                         help="rows per parquet row group of the input (FineWeb dumps come with 100 and up)")
     args = parser.parse_args()
@@ -232,19 +233,30 @@ def main() -> None:
               f"{os.getloadavg()[0]:.1f} at start; {len(large_docs):,} docs in row groups of "
               f"{args.row_group_size}; {cores} workers")
 
-        raw = raw_tiktoken(small_docs)
-        (work / "pool").mkdir()
-        pool = pool_baseline(large, work / "pool", cores)
-        started = time.perf_counter()
-        connect()
-        print(f"ray cluster start (not counted below): {time.perf_counter() - started:.1f}s, "
-              f"{ray.cluster_resources().get('CPU')} CPUs")
-        small_run, small_s, small_mem = ours(small, work / "ours_small", args.workers)
-        large_run, large_s, large_mem = ours(large, work / "ours_large", args.workers)
+        # On a shared machine every rate is taken in several alternating rounds and the best one kept.
+        raw = pool = large_s = 0.0
+        for _ in range(args.rounds):
+            raw = max(raw, raw_tiktoken(small_docs))
+            shutil.rmtree(work / "pool", ignore_errors=True)
+            (work / "pool").mkdir()
+            pool = max(pool, pool_baseline(large, work / "pool", cores))
+            if not ray.is_initialized():
+                started = time.perf_counter()
+                connect()
+                print(f"ray cluster start (not counted below): {time.perf_counter() - started:.1f}s, "
+                      f"{ray.cluster_resources().get('CPU')} CPUs")
+                small_run, small_s, small_mem = ours(small, work / "ours_small", args.workers)
+            run, seconds, memory = ours(large, work / "ours_large", args.workers)
+            if not large_s or seconds < large_s:
+                large_run, large_s, large_mem = run, seconds, memory
         pretokenized = pretokenized_documents(large_docs, WRITE_PATH_TOKENS)
-        (work / "old").mkdir()
-        old_ceiling = old_write_path(pretokenized, work / "old")
-        new_ceiling = new_write_path(pretokenized, work / "new")
+        old_ceiling = new_ceiling = 0.0
+        for _ in range(args.rounds):
+            for path in ("old", "new"):
+                shutil.rmtree(work / path, ignore_errors=True)
+            (work / "old").mkdir()
+            old_ceiling = max(old_ceiling, old_write_path(pretokenized, work / "old") or 0.0)
+            new_ceiling = max(new_ceiling, new_write_path(pretokenized, work / "new"))
         workers, tokens = large_run["num_workers"], large_run["total_tokens"]
         timings = large_run["timings_s"]
         end_to_end = tokens / large_s
@@ -254,7 +266,7 @@ def main() -> None:
             return f"{rate / raw:5.1f} cores of tiktoken"
 
         print(f"raw tiktoken, 1 process          : {raw:12,.0f} tok/s")
-        if old_ceiling is not None:
+        if old_ceiling:  # 0: no git history to load the old writer from
             print(f"write path, old (1 driver)       : {old_ceiling:12,.0f} tok/s = {cores_of(old_ceiling)}, "
                   "the job's ceiling whatever the cluster")
         print(f"write path, new, per worker      : {new_ceiling:12,.0f} tok/s = {cores_of(new_ceiling)}, "
@@ -271,7 +283,7 @@ def main() -> None:
         print(f"end to end / Pool baseline       : {end_to_end / pool:.2f}   (target >= 1.00)")
         print(f"peak private memory, driver + Ray: {small_mem / 2**20:,.0f} MiB at {small_run['total_tokens']:,} "
               f"tokens, {large_mem / 2**20:,.0f} MiB at {tokens:,} tokens")
-        print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+        print(f"load average at the end: {os.getloadavg()[0]:.1f}; best of {args.rounds} round(s)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

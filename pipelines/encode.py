@@ -9,8 +9,8 @@ rarely waits for input.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from array import array
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -24,6 +24,8 @@ from pipelines.shards import TOKEN_DTYPE
 from pipelines.sources import InputFiles
 from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
 from pipelines.workdir import OutputDir, unit_file
+
+EOT = np.array([EOT_TOKEN], dtype=np.uint32)
 
 
 def text_hash(text: str) -> int:
@@ -45,7 +47,10 @@ class EncodeJob:
 class UnitEncoder:
     def __init__(self, job: EncodeJob):
         self.job = job
-        self.encode = gpt2_encoding().encode_ordinary
+        encoding = gpt2_encoding()
+        # encode_ordinary's tokens as a uint32 array: tiktoken documents encode(text, disallowed_special=())
+        # as equal to encode_ordinary, and the array skips building a Python int per token (~10% of the CPU)
+        self.encode = functools.partial(encoding.encode_to_numpy, disallowed_special=())
         self.reader = ThreadPoolExecutor(1)
         self.prefetched: dict[int, Future] = {}
 
@@ -63,7 +68,7 @@ class UnitEncoder:
 
     def _encode_and_write(self, unit: WorkUnit, tables: list[pa.Table]) -> dict:
         dedup = self.job.filters.dedup
-        tokens = array("H")
+        pieces = []  # EOT, then the document's tokens, for every kept document
         hashes, lengths = [], []
         dropped = np.zeros(len(DROP_REASONS), dtype=np.int64)
         for table in tables:
@@ -72,23 +77,22 @@ class UnitEncoder:
             for text, reason in zip(table["text"].to_pylist(), reasons.tolist(), strict=True):
                 if reason:
                     continue
-                start = len(tokens)
-                tokens.append(EOT_TOKEN)
-                tokens.fromlist(self.encode(text))
+                pieces += (EOT, self.encode(text))
                 if dedup:
                     hashes.append(text_hash(text))
-                    lengths.append(len(tokens) - start)
+                    lengths.append(1 + pieces[-1].size)
+        tokens = np.concatenate(pieces).astype(TOKEN_DTYPE) if pieces else np.zeros(0, TOKEN_DTYPE)
 
         out = self.job.out
         with out.write(unit_file(unit.index, "tokens")) as f:
-            f.write(np.frombuffer(tokens, dtype=np.uint16).astype(TOKEN_DTYPE, copy=False))  # no copy on LE
+            f.write(tokens)
         if dedup:
             rows = np.zeros(len(hashes), dtype=HASH_ROW)
             rows["hash"], rows["unit"], rows["tokens"] = hashes, unit.index, lengths
             rows["doc"] = np.arange(len(hashes))
             with out.write(unit_file(unit.index, "hashes.npy")) as f:
                 np.save(f, rows)
-        counters = {"unit": unit.index, "tokens": len(tokens), "docs": int(sum(t.num_rows for t in tables)),
+        counters = {"unit": unit.index, "tokens": int(tokens.size), "docs": int(sum(t.num_rows for t in tables)),
                     "dropped": dict(zip(DROP_REASONS[1:], dropped[1:].tolist(), strict=True))}
         out.write_json(unit_file(unit.index, "json"), counters)  # last: its presence marks the unit done
         return counters

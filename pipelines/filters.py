@@ -45,7 +45,8 @@ def drop_reasons(batch: pa.Table, config: FilterConfig) -> np.ndarray:
         failed = np.asarray(pc.fill_null(failed, True), dtype=bool)
         reasons[(reasons == 0) & failed] = code
 
-    mark(DROP_REASONS.index("empty"), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0))
+    # empty or whitespace only, without utf8_trim_whitespace's copy of every text
+    mark(DROP_REASONS.index("empty"), pc.or_(pc.equal(pc.utf8_length(text), 0), pc.utf8_is_space(text)))
     for column, threshold in config.threshold_columns().items():
         if column in batch.column_names:
             mark(DROP_REASONS.index(column), pc.less(batch[column], threshold))
