@@ -28,7 +28,8 @@ from tests.ray_head import kill_tree, ray_head, ray_node
 from tests.test_train import make_shards
 from training.config import ConfigError, TrainConfig
 from training.data import ShardLoader
-from training.elastic import check_group_sizes
+from training.elastic import check_group_sizes, uneven_split_note
+from training.progress import Progress
 from training.run import RAY_SNAPSHOT, main
 
 STEPS, EVERY = 40, 5
@@ -102,12 +103,23 @@ def test_every_size_reads_the_same_sequences_and_continues_the_stream_at_another
 def test_sizes_that_cannot_keep_the_global_batch_are_refused_naming_those_that_can():
     config = TrainConfig(micro_batch=2, seq_len=32, total_batch_tokens=256)
     check_group_sizes(config, 1, 4)
+    assert "a group of 3 worker(s) splits them unevenly" in uneven_split_note(config, 1, 4)
+    assert uneven_split_note(config, 1, 2) is None
     with pytest.raises(ConfigError, match=r"^--min-workers 2 --workers 6: -d 256 is 4 micro-batch\(es\) of -b 2 x "
                                           r"-t 32 per step, too few for a group of 5-6 workers .*sizes that keep "
                                           r"-d: 2-4;"):
         check_group_sizes(config, 2, 6)
     with pytest.raises(ConfigError, match=r"^-d 250 is not a positive multiple of -b 2 x -t 32 = 64 tokens$"):
         check_group_sizes(TrainConfig(micro_batch=2, seq_len=32, total_batch_tokens=250), 1, 2)
+
+
+def test_cost_counts_the_worker_hours_of_each_group_size():
+    now = time.time()
+    progress = Progress(now - 3 * 3600, 8, usd_per_worker_hour=2.0)  # 8 workers for 2 h, then 4 for 1 h
+    progress.resized(now - 3600, 4)
+    assert progress.worker_hours() == pytest.approx(20, rel=1e-3) and progress.cost() == pytest.approx(40, rel=1e-3)
+    assert "(20.00 worker-hours x $2.00/h; 4 worker(s) now)" in progress.line(10, 20)
+    assert progress.summary(10, 1024, "cpu")["worker_hours"] == pytest.approx(20, rel=1e-3)
 
 
 def test_a_two_worker_checkpoint_resumes_on_three_workers_splitting_steps_unevenly(reference, data, tmp_path):
@@ -158,6 +170,7 @@ def test_a_reclaimed_node_leaves_the_run_on_one_worker_with_the_same_result(refe
     log = (out / "main.log").read_text().splitlines()
     assert [int(line.split()[0][2:]) for line in log if " trl:" in line] == list(range(STEPS))  # no gap, no repeat
     assert f"s:{resumed_at} workers:1" in log
-    assert json.loads((out / "summary.json").read_text())["workers"] == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["workers"] == 1 and summary["worker_hours"] < 2 * summary["elapsed_s"] / 3600  # part on 1
     assert_same_training(out, reference, STEPS)
     assert_same_losses(out, reference)

@@ -44,12 +44,19 @@ def check_group_sizes(config: TrainConfig, min_workers: int, max_workers: int) -
 def uneven_split_note(config: TrainConfig, min_workers: int, max_workers: int) -> str | None:
     """A note naming the group sizes that split a step's micro-batches unevenly, if any."""
     micro_batches = config.micro_batches_per_step(1)
-    uneven = [str(size) for size in range(min_workers, max_workers + 1) if micro_batches % size]
+    uneven = [size for size in range(min_workers, max_workers + 1) if micro_batches % size]
     if not uneven:
         return None
+    runs: list[list[int]] = []  # consecutive sizes, written first-last
+    for size in uneven:
+        if runs and runs[-1][1] == size - 1:
+            runs[-1][1] = size
+        else:
+            runs.append([size, size])
     return (f"note: -d {config.tokens_per_step(max_workers)} is {micro_batches} micro-batches of -b "
-            f"{config.micro_batch} x -t {config.seq_len} per step; a group of {', '.join(uneven)} worker(s) splits "
-            "them unevenly (ranks with a micro-step fewer wait for the others), on the same batches")
+            f"{config.micro_batch} x -t {config.seq_len} per step; a group of "
+            f"{', '.join(_sizes(first, last) for first, last in runs)} worker(s) splits them unevenly (ranks with a "
+            "micro-step fewer wait for the others), on the same batches")
 
 
 @dataclass

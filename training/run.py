@@ -63,8 +63,11 @@ from training.train import TrainHooks, TrainingDiverged, TrainResult, train
 # Ray Train's bookkeeping file in the run directory; without it a new fit starts with no checkpoint.
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 # Errors that a restart from the last checkpoint would only repeat.
-# Elastic runs' RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S unless set: room for a group Ray Train sized from ready
-# resources is there at once, so a longer wait only delays the retry after a lost node (see launch_run).
+# Elastic runs' RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S unless set (Ray's default: 60 s). After a node is lost, Ray
+# Train sizes the next group from resources Ray still counts for a while (until the GCS declares the node dead,
+# ~15 s by default, and Ray Data's AutoscalingCoordinator, which Ray Train asks, refreshes: every 20 s). Such a
+# group cannot be placed, and this timeout is how soon Ray Train gives up on it and sizes again; a group sized
+# from resources that exist is placed at once.
 ELASTIC_GROUP_START_TIMEOUT_S = 10
 DETERMINISTIC_ERRORS = (ConfigError, CheckpointError, ShardFormatError, LlmcFormatError, HellaSwagFormatError,
                         TrainingDiverged, torch.OutOfMemoryError)
@@ -84,7 +87,7 @@ class Launch:
     use_gpu: bool
     cpus_per_worker: float
     report_interval: float
-    workers: int  # the worker group's size: --workers at launch, each group's own on the workers (elastic runs)
+    workers: int  # --workers on the driver; on a worker, its group's size (an elastic run's groups vary)
     started_at: float  # the launcher's time.time() at launch: elapsed time and cost count from here
     usd_per_worker_hour: float | None  # None: no cost estimate (CPU without --gpu-hour-usd)
     hellaswag: dict[str, Any] | None  # HellaSwagSettings as a dict; None without -h 1
@@ -245,10 +248,12 @@ def _report_group_failures(groups) -> Any:
 
     class ReportGroupFailures(UserCallback):
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-            # A lost node shows as its workers' failed health checks; the survivors' own errors (a collective
-            # whose peer vanished) follow from it, so those come last.
-            rank, error = min(worker_exceptions.items(), key=lambda item: ("HealthCheck" not in type(item[1]).__name__,
-                                                                           item[0]))
+            def cause_first(item: tuple[int, Exception]) -> tuple[bool, int]:
+                # A lost node shows as its workers' failed health checks; the survivors' errors (a collective
+                # whose peer vanished) follow from it.
+                return "HealthCheck" not in type(item[1]).__name__, item[0]
+
+            rank, error = min(worker_exceptions.items(), key=cause_first)
             first_line = (str(error).strip().splitlines() or [""])[0][:160]
             groups.failed.remote(f"rank {rank} failed: {type(error).__name__}: {first_line}")
 
@@ -539,8 +544,6 @@ def launch_run(args: argparse.Namespace, callbacks: list | None = None) -> None:
     failures = ray.remote(num_cpus=0, scheduling_strategy=beside_driver)(_FailureLog).remote()
     groups = ray.remote(num_cpus=0, scheduling_strategy=beside_driver)(_WorkerGroupLog).remote()
     if smallest < largest:
-        # After a node is lost Ray Train may size the next group before Ray has noticed the node is gone; only
-        # Ray Train's wait for the group's placement (60 s by default) then lets it retry at the size that fits.
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(ELASTIC_GROUP_START_TIMEOUT_S))
     # Ray Train's state API (the dashboard's /api/train/v2/runs/v1: the run, its attempts and workers) is off
     # unless the driver that calls fit() has this set; Ray passes it on to its controller. An explicit 0 wins.
