@@ -24,6 +24,7 @@ import importlib.util
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -97,7 +98,9 @@ def pool_baseline(pattern: str, out_dir: Path, processes: int) -> float:
     paths = sorted(Path(pattern).parent.glob("*.parquet"))
     texts = (text for path in paths for text in pq.read_table(path, columns=["text"])["text"].to_pylist())
     buffer, index, total = bytearray(), 0, 0
-    with multiprocessing.Pool(processes) as pool:
+    # the workers fork from a process that may have joined Ray: give them back the default SIGTERM handling,
+    # or Ray's handler prints a stack trace when the pool ends
+    with multiprocessing.Pool(processes, initializer=signal.signal, initargs=(signal.SIGTERM, signal.SIG_DFL)) as pool:
         for tokens in pool.imap(_encode_for_pool, texts, chunksize=16):
             buffer += tokens
             total += len(tokens) // 2

@@ -5,12 +5,13 @@
     python pipelines/tokenize.py --source demo                     # offline smoke corpus (Python's own docs)
     ray job submit --working-dir . -- python pipelines/tokenize.py --name sample-100BT --node-resource data_node
 
-The input is cut into work units of similar size (pipelines.plan). Tokenizer actors each read a unit,
-filter and encode it, and write its tokens into the output directory themselves (pipelines.encode); from
-the units' exact token counts the shards' global offsets follow, and Ray tasks assemble the shards in
-parallel (pipelines.assemble) as soon as the units they cover are done. --dedup runs as a distributed
-Ray Data step between the two (pipelines.dedup). The driver only schedules and keeps counters, so the bytes
-depend on the inputs and flags alone, and a killed job resumes at the unit and shard it reached.
+The input is cut into work units of similar size (pipelines.plan). Worker actors (pipelines.worker) each
+read a unit, filter and encode it, and write its tokens into the output directory themselves
+(pipelines.encode); from the units' exact token counts the shards' global offsets follow, and the workers
+assemble the shards in parallel (pipelines.assemble) as soon as the units they cover are done. --dedup is a
+hash shuffle over the workers between the two (pipelines.dedup). The driver only schedules and keeps
+counters, so the bytes depend on the inputs and flags alone, and a killed job resumes at the unit and shard
+it reached.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ if __name__ == "__main__":
 
     sys.exit(main())
 
-import argparse
 import functools
 import time
 from collections import deque
@@ -36,6 +36,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipelines import cli
 from pipelines.dedup import find_duplicates
 from pipelines.encode import EncodeJob
 from pipelines.files import is_url, local_path
@@ -151,25 +152,26 @@ def _finished_manifest(out: OutputDir, fingerprint: dict) -> dict | None:
     return manifest
 
 
-def _load_or_plan_units(out: OutputDir, fingerprint: dict, inputs: InputFiles,
-                        unit_bytes: int) -> tuple[list[WorkUnit], bool]:
-    """The work units of the unfinished run in `out` (same flags only), or a new plan, recorded once;
-    and whether the plan is new."""
-    if out.exists(STATE_FILE):
-        state = out.read_json(STATE_FILE)
-        if state.get("fingerprint") != fingerprint:
-            raise InputError(f"{out.path(STATE_FILE)}: an unfinished run with different inputs or flags is here; "
-                             "use another --output-dir or pass --overwrite")
-        if state.get("version") != STATE_VERSION:
-            raise InputError(f"{out.path(STATE_FILE)}: left by an older version of this pipeline, which cannot "
-                             "be resumed; pass --overwrite to start again")
-        return [WorkUnit.from_dict(unit) for unit in state["units"]], False
-    units = plan_units(inputs, unit_bytes)
+def _recorded_units(out: OutputDir, fingerprint: dict) -> list[WorkUnit] | None:
+    """The work units of the unfinished run in `out` (same flags only); None if there is none."""
+    if not out.exists(STATE_FILE):
+        return None
+    state = out.read_json(STATE_FILE)
+    if state.get("fingerprint") != fingerprint:
+        raise InputError(f"{out.path(STATE_FILE)}: an unfinished run with different inputs or flags is here; "
+                         "use another --output-dir or pass --overwrite")
+    if state.get("version") != STATE_VERSION:
+        raise InputError(f"{out.path(STATE_FILE)}: left by an older version of this pipeline, which cannot "
+                         "be resumed; pass --overwrite to start again")
+    return [WorkUnit.from_dict(unit) for unit in state["units"]]
+
+
+def _record_units(out: OutputDir, fingerprint: dict, units: list[WorkUnit]) -> None:
+    """Start a run: the state file, written once, names its flags and its work units."""
     out.remove(PARTS_DIR)  # nothing in it can belong to a run without a state file
     out.makedirs(PARTS_DIR)
     out.write_json(STATE_FILE, {"version": STATE_VERSION, "fingerprint": fingerprint,
                                 "units": [unit.to_dict() for unit in units]})
-    return units, True
 
 
 # ---- the driver: schedules units and shards, keeps counters --------------------------------------------------
@@ -465,6 +467,7 @@ def tokenize(config: TokenizeConfig) -> dict:
         print(f"already complete: {len(manifest['shards'])} shards, {manifest['total_tokens']:,} tokens "
               f"in {out} (use --overwrite to redo)")
         return manifest
+    recorded = _recorded_units(out, fingerprint)  # before Ray starts: a bad state file is a one-line error
     for column in config.filters.threshold_columns():
         if column not in inputs.columns:
             print(f"note: the {column} filter does not apply: {inputs.paths[0]} has no {column!r} column")
@@ -479,8 +482,11 @@ def tokenize(config: TokenizeConfig) -> dict:
             raise InputError(f"--address {config.address or os.environ.get('RAY_ADDRESS')}: {err}") from err
         connected = time.monotonic()
         driver.size_workers()
-        unit_bytes = config.unit_bytes or unit_bytes_for(inputs, driver.num_workers)
-        driver.units, new_run = _load_or_plan_units(out, fingerprint, inputs, unit_bytes)
+        if recorded is None:
+            recorded = plan_units(inputs, config.unit_bytes or unit_bytes_for(inputs, driver.num_workers))
+            _record_units(out, fingerprint, recorded)
+            new_run = True
+        driver.units = recorded
         driver.load_progress()
         if driver.resumed["units"] or driver.resumed["shards"]:
             print(f"resuming: {driver.resumed['units']}/{len(driver.units)} units and {driver.resumed['shards']} "
@@ -496,24 +502,13 @@ def tokenize(config: TokenizeConfig) -> dict:
         raise
     finally:
         driver.stop()
-    units = driver.units
 
     shards = [driver.shards[index] for index in range(len(driver.shards))]
     if not shards:
         raise InputError("no tokens to write: every document was dropped by the filters")
     total_tokens = sum(s["tokens"] for s in shards)
-    dropped = {reason: sum(c["dropped"][reason] for c in driver.counters.values()) for reason in DROP_REASONS[1:]}
-    dropped["duplicate"] += sum(d["docs"] for d in driver.duplicates.values())  # the workers cannot know these
-    docs_read = sum(c["docs"] for c in driver.counters.values())
     timings = {"startup_s": workers_ready - started, "inputs_s": inputs_ready - started,
                "connect_s": connected - inputs_ready, "workers_s": workers_ready - connected, **timings}
-    warnings = []
-    if len(shards) == 1:
-        warnings.append(f"only 1 shard was written: its {total_tokens:,} tokens (fewer than --shard-size "
-                        f"{config.shard_size:,}) are all in the val shard {shards[0]['name']} and there is no train "
-                        f"shard, so training's -i would match nothing; rerun with --overwrite --shard-size "
-                        f"{_suggest_shard_size(total_tokens)}")
-    wall = time.monotonic() - started
     manifest = {
         "fingerprint": fingerprint,
         "source": config.source if config.source != "hub" else f"hf://datasets/HuggingFaceFW/fineweb-edu {config.name}",
@@ -521,42 +516,55 @@ def tokenize(config: TokenizeConfig) -> dict:
         "flags": asdict(config),
         "tokenizer": identity,
         "shards": shards,
-        "docs": {"read": docs_read, "kept": docs_read - sum(dropped.values()), "dropped": dropped},
+        "docs": _document_counts(driver),
         "total_tokens": total_tokens,
         "num_workers": driver.num_workers,
-        "units": len(units),
+        "units": len(driver.units),
         "resumed": driver.resumed,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "wall_time_s": round(wall, 3),
-        "warnings": warnings,
+        "wall_time_s": round(time.monotonic() - started, 3),
+        "warnings": _warnings(shards, config.shard_size),
     }
     out.write_json(MANIFEST_FILE, manifest)
     out.remove(STATE_FILE)
     out.remove(PARTS_DIR)
-    drops = ", ".join(f"{k} {v:,}" for k, v in dropped.items() if v) or "none"
-    print(f"wrote {len(shards)} shards (1 val + {len(shards) - 1} train), {total_tokens:,} tokens from "
-          f"{manifest['docs']['kept']:,}/{docs_read:,} docs (dropped: {drops}) in {wall:.1f}s -> {out}")
-    rate = driver.tokens_this_run / max(timings["tokenize_s"], 1e-9)
+    _print_summary(manifest, driver.tokens_this_run, out)
+    return manifest
+
+
+def _document_counts(driver: _Driver) -> dict:
+    dropped = {reason: sum(c["dropped"][reason] for c in driver.counters.values()) for reason in DROP_REASONS[1:]}
+    dropped["duplicate"] += sum(d["docs"] for d in driver.duplicates.values())  # the workers cannot know these
+    read = sum(c["docs"] for c in driver.counters.values())
+    return {"read": read, "kept": read - sum(dropped.values()), "dropped": dropped}
+
+
+def _warnings(shards: list[dict], shard_size: int) -> list[str]:
+    if len(shards) > 1:
+        return []
+    tokens = shards[0]["tokens"]
+    return [f"only 1 shard was written: its {tokens:,} tokens (fewer than --shard-size {shard_size:,}) are all in "
+            f"the val shard {shards[0]['name']} and there is no train shard, so training's -i would match "
+            f"nothing; rerun with --overwrite --shard-size {_suggest_shard_size(tokens)}"]
+
+
+def _print_summary(manifest: dict, tokens_this_run: int, out: OutputDir) -> None:
+    docs, timings, shards = manifest["docs"], manifest["timings_s"], manifest["shards"]
+    drops = ", ".join(f"{k} {v:,}" for k, v in docs["dropped"].items() if v) or "none"
+    print(f"wrote {len(shards)} shards (1 val + {len(shards) - 1} train), {manifest['total_tokens']:,} tokens from "
+          f"{docs['kept']:,}/{docs['read']:,} docs (dropped: {drops}) in {manifest['wall_time_s']:.1f}s -> {out}")
+    rate = tokens_this_run / max(timings["tokenize_s"], 1e-9)
     print(f"start-up {timings['startup_s']:.1f}s (inputs {timings['inputs_s']:.1f}s, cluster "
           f"{timings['connect_s']:.1f}s, workers {timings['workers_s']:.1f}s) | tokenizing "
           f"{timings['tokenize_s']:.1f}s at {rate:,.0f} tok/s | finishing {timings['finish_s']:.1f}s")
-    for warning in warnings:
+    for warning in manifest["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
-    return manifest
 
 
 # ---- command line ------------------------------------------------------------------------------------------------
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse's errors print the whole usage first; a bad flag deserves one line naming it."""
-
-    def error(self, message: str):
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv: list[str] | None = None) -> TokenizeConfig:
-    parser = _OneLineParser(prog="tokenize.py", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="tokenize.py", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--name", default="sample-10BT", choices=FINEWEB_EDU_SAMPLES,
                         help="FineWeb-Edu sample on the Hugging Face hub (default sample-10BT)")
