@@ -136,14 +136,20 @@ def _discard_previous_run(out: OutputDir) -> None:
         out.remove(name)
 
 
+def _read_same_run(out: OutputDir, name: str, fingerprint: dict, what: str) -> dict:
+    """JSON file `name` of `out`, refused unless it was written by a run with these inputs and flags."""
+    payload = out.read_json(name)
+    if payload.get("fingerprint") != fingerprint:
+        raise InputError(f"{out.path(name)}: {what} with different inputs or flags is here; "
+                         "use another --output-dir or pass --overwrite")
+    return payload
+
+
 def _finished_manifest(out: OutputDir, fingerprint: dict) -> dict | None:
     """The manifest of a finished identical run (shards checked by header and size), if there is one."""
     if not out.exists(MANIFEST_FILE):
         return None
-    manifest = out.read_json(MANIFEST_FILE)
-    if manifest.get("fingerprint") != fingerprint:
-        raise InputError(f"{out.path(MANIFEST_FILE)}: shards from a run with different inputs or flags are here; "
-                         "use another --output-dir or pass --overwrite")
+    manifest = _read_same_run(out, MANIFEST_FILE, fingerprint, "a finished run")
     for shard in manifest["shards"]:
         if read_header(out.path(shard["name"])) != shard["tokens"]:
             raise ShardFormatError(f"{out.path(shard['name'])}: token count differs from {out.path(MANIFEST_FILE)}")
@@ -156,10 +162,7 @@ def _recorded_units(out: OutputDir, fingerprint: dict) -> list[WorkUnit] | None:
     """The work units of the unfinished run in `out` (same flags only); None if there is none."""
     if not out.exists(STATE_FILE):
         return None
-    state = out.read_json(STATE_FILE)
-    if state.get("fingerprint") != fingerprint:
-        raise InputError(f"{out.path(STATE_FILE)}: an unfinished run with different inputs or flags is here; "
-                         "use another --output-dir or pass --overwrite")
+    state = _read_same_run(out, STATE_FILE, fingerprint, "an unfinished run")
     if state.get("version") != STATE_VERSION:
         raise InputError(f"{out.path(STATE_FILE)}: left by an older version of this pipeline, which cannot "
                          "be resumed; pass --overwrite to start again")
