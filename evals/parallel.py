@@ -133,8 +133,9 @@ def launch(source: ModelSource, examples: EvalSet | Sequence[Example] | str | os
     # Ray sets OMP_NUM_THREADS to 1 for fractional tasks; whole CPUs per task get that many torch threads.
     threads = max(1, int(num_cpus))
     remote = ray.remote(_score_group).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)
+    submitted_at = time.time()  # before the first task can start
     refs = [remote.remote(source, group, num_gpus > 0, threads) for group in examples.groups]
-    return EvalHandle(refs, time.time())
+    return EvalHandle(refs, submitted_at)
 
 
 class ConcurrentEvals:

@@ -78,6 +78,15 @@ def _train_workers() -> list[psutil.Process]:
     return workers
 
 
+def _latest_registered(out: Path) -> str | None:
+    """The checkpoint directory Ray Train last registered for the run in `out`, if any yet."""
+    try:
+        snapshot = json.loads((out / RAY_SNAPSHOT).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or caught mid-write
+        return None
+    return (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+
+
 def test_killed_worker_resumes_from_the_checkpoint_and_ends_bitwise_equal(reference, data, tmp_path):
     out = tmp_path / "killed"
     killed: dict[str, object] = {}
@@ -85,11 +94,11 @@ def test_killed_worker_resumes_from_the_checkpoint_and_ends_bitwise_equal(refere
     def kill_after_first_registered_checkpoint() -> None:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            snapshot = out / RAY_SNAPSHOT
-            registered = snapshot.exists() and "ckpt_000000" in snapshot.read_text()
+            registered = _latest_registered(out)
             workers = _train_workers()
             if registered and len(workers) == 2:
-                latest = max(out.glob("ckpt_*"))
+                # A later checkpoint may be on disk but not yet registered: the restart retrains through that one.
+                latest = out / registered
                 killed.update(latest=latest, inode=latest.stat().st_ino, finished=(out / f"ckpt_{STEPS:08d}").exists())
                 os.kill(workers[-1].pid, signal.SIGKILL)
                 return
