@@ -17,6 +17,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from pipelines.files import atomic_write
+
 _LINE = re.compile(r"^s:(\d+) (trl|tel|eval|workers):([-+0-9.eEnaif]+)")
 STREAMS = ("trl", "tel", "eval", "workers")
 
@@ -28,7 +30,8 @@ def trim(path: Path, resume_step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines(keepends=True)
             if (match := _LINE.match(line)) and int(match[1]) < resume_step + (match[2] != "trl")]
-    path.write_text("".join(kept))
+    with atomic_write(path, "w") as f:  # a crash mid-trim leaves the old log, never a cut one
+        f.write("".join(kept))
 
 
 class MainLog:

@@ -3,6 +3,7 @@ single-process scorer, a bounded backlog, and an output directory free of eval l
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -67,6 +68,25 @@ def test_evals_ran_in_ray_tasks_while_training_went_on(run_dir):
         assert by_step[step]["steps_done_at_collection"] > step, by_step[step]
         assert by_step[step]["submitted_at"] <= min(start for start, _ in by_step[step]["task_spans"])
     assert by_step[STEPS]["steps_done_at_collection"] == STEPS  # awaited before exit
+
+
+def test_a_resumed_run_scores_again_the_eval_lost_with_the_run_that_stopped(run_dir, data, tmp_path):
+    """As if the run had stopped while step 60's eval ran in Ray tasks, after training on to step 70 (and
+    evaluating it): its record and main.log line never written, step 70's written."""
+    out = tmp_path / "lost"
+    shutil.copytree(run_dir, out)  # Ray Train's snapshot names checkpoints relative to the run directory
+    lost = next(r for r in records(run_dir) if r["step"] == STEPS)
+    kept = [r for r in records(run_dir) if r["step"] != STEPS] + [{**lost, "step": STEPS + 10}]
+    (out / "hellaswag.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    log = (out / "main.log").read_text().replace(f"s:{STEPS} eval:", f"s:{STEPS + 10} eval:")
+    (out / "main.log").write_text(log)
+    assert run(data, out, "-y", "1", "-x", str(STEPS + EVERY), "-v", str(EVERY), "--hellaswag-file", str(SMOKE)) == 0
+    steps = [r["step"] for r in records(out)]
+    assert sorted(steps) == list(range(EVERY, STEPS + EVERY + 1, EVERY))  # each once, step 70's gone
+    rescored = next(r for r in records(out) if r["step"] == STEPS)
+    assert {k: rescored[k] for k in ("num_correct", "num_correct_norm", "num_total")} == {
+        k: lost[k] for k in ("num_correct", "num_correct_norm", "num_total")}
+    assert [s for s, _ in read(out / "main.log")["eval"]][-2:] == [STEPS, STEPS + EVERY]
 
 
 def test_summary_json_records_the_run(run_dir):

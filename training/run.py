@@ -47,7 +47,7 @@ if __name__ == "__main__":  # run as a script: make the repo root importable, th
 import torch
 
 from evals.hellaswag_data import HellaSwagFormatError, load_examples
-from gpt2.checkpoint import CheckpointError, claim_output_dir
+from gpt2.checkpoint import CheckpointError, claim_output_dir, read_state
 from gpt2.interop import LlmcFormatError
 from pipelines import cli
 from pipelines.files import write_json
@@ -340,7 +340,8 @@ class _WorkerHooks:
         if launch.hellaswag and (rank == 0 or launch.hellaswag["placement"] == "ranks"):
             self.hellaswag = HellaSwagBesideTraining(
                 HellaSwagSettings(**launch.hellaswag), Path(config.output_dir), device, rank, launch.workers,
-                on_result=self._hellaswag_result)
+                on_result=self._hellaswag_result,
+                resume_step=read_state(config.resume_from)["step"] if config.resume_from else None)
 
     def on_step(self, metrics: dict[str, Any]) -> None:
         # metrics["step"] is the step index, 0-based like the engine's loop; the console shows it 1-based.

@@ -36,6 +36,7 @@ from evals.scoring import (
 )
 from gpt2.interop import read_llmc_header
 from gpt2.model import GPT, GPTConfig
+from pipelines.files import atomic_write
 from training.config import TrainConfig
 from training.metrics import flops_per_token, peak_flops
 
@@ -158,11 +159,15 @@ def settle(eval_on: str, file: str | None, tasks: int, cpus_per_task: float, gpu
 
 
 class HellaSwagBesideTraining:
-    """TrainHooks.on_eval for -h 1 on one rank, `poll` every step (rank 0), `finish` before exiting."""
+    """TrainHooks.on_eval for -h 1 on one rank, `poll` every step (rank 0), `finish` before exiting.
+
+    A run resumed at step S keeps hellaswag.jsonl's records up to S (later steps are trained, and evaluated,
+    again) and scores step S again only if its eval ran in Ray tasks and was lost with the run that stopped."""
 
     def __init__(self, settings: HellaSwagSettings, out_dir: Path, device: torch.device, rank: int, world: int,
-                 on_result: Callable[[int, Result], None]):
+                 on_result: Callable[[int, Result], None], resume_step: int | None = None):
         self.settings, self.device, self.rank, self.world, self.on_result = settings, device, rank, world, on_result
+        self.resume_step = resume_step
         examples = load_examples(settings.file)
         self.batches = plan_batches(examples, default_batch_tokens(device))
         self.my_batches = self.batches[rank::world]  # this rank's share under --eval-on ranks
@@ -170,6 +175,9 @@ class HellaSwagBesideTraining:
         self.evals = None
         self.records = out_dir / "hellaswag.jsonl"
         self.steps_done = 0
+        self.recorded_steps: set[int] = set()
+        if rank == 0 and resume_step is not None:
+            self.recorded_steps = self._keep_records_up_to(resume_step)
         if rank == 0:
             eval_set = (prepare(examples, settings.tasks, gpu=settings.gpus_per_task > 0)
                         if settings.placement == "tasks" else None)
@@ -177,6 +185,9 @@ class HellaSwagBesideTraining:
                                          settings.gpus_per_task, report=self._record, on_skip=self._skipped)
 
     def on_eval(self, step: int, model: GPT) -> None:
+        # an in-loop eval finished before its step's checkpoint was written: every rank skips it alike
+        if step == self.resume_step and (self.settings.placement == "ranks" or step in self.recorded_steps):
+            return
         if self.settings.placement == "tasks":
             if self.evals:  # rank 0: the other ranks train on
                 self.evals.submit(step, WeightsSnapshot.of(model, self.snapshot_dtype))
@@ -204,6 +215,21 @@ class HellaSwagBesideTraining:
             collect()
         except Exception as err:  # a failed eval costs its line, not the training run
             print(f"hellaswag: an eval failed and is skipped: {type(err).__name__}: {err}", flush=True)
+
+    def _keep_records_up_to(self, step: int) -> set[int]:
+        if not self.records.exists():
+            return set()
+        kept = {}
+        for line in self.records.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the stopped run's last line, cut short
+                continue
+            if record["step"] <= step:
+                kept[record["step"]] = line
+        with atomic_write(self.records, "w") as f:
+            f.write("".join(line + "\n" for line in kept.values()))
+        return set(kept)
 
     def _write(self, record: dict) -> None:
         with open(self.records, "a") as f:

@@ -59,7 +59,7 @@ class TrainHooks:
     """Callbacks for a launcher. Both run on every rank, so they may make collective calls
     (e.g. ray.train.report); `on_checkpoint` fires once the directory is complete on disk; `on_eval` fires
     where llm.c evaluates HellaSwag (every -v step after step 0, and the last) with the model being trained
-    (the module itself, not a DDP wrapper)."""
+    (the module itself, not a DDP wrapper), a resumed run's first step included."""
 
     on_step: Callable[[dict[str, Any]], None] | None = None
     on_checkpoint: Callable[[int, Path], None] | None = None
@@ -349,7 +349,9 @@ class _Run:
                     if self.main_log:
                         self.main_log.val(step, val_loss)
                 eval_due = (step > 0 and c.val_every > 0 and step % c.val_every == 0) or last  # llm.c's HellaSwag
-                if self.hooks.on_eval and fresh and eval_due:
+                # The resumed step's too: an eval running beside training may have been lost with the run that
+                # stopped, and only the hook knows whether its result was recorded.
+                if self.hooks.on_eval and eval_due:
                     self.hooks.on_eval(step, self.model)
                 if self.master and fresh and c.sample_every > 0 and ((step > 0 and step % c.sample_every == 0) or last):
                     self._sample()
