@@ -81,7 +81,9 @@ class UnitEncoder:
                 if dedup:
                     hashes.append(text_hash(text))
                     lengths.append(1 + pieces[-1].size)
-        tokens = np.concatenate(pieces).astype(TOKEN_DTYPE) if pieces else np.zeros(0, TOKEN_DTYPE)
+        # straight into uint16 (GPT-2's 50,257 ids fit): no uint32 copy of the whole unit in between
+        tokens = (np.concatenate(pieces, dtype=TOKEN_DTYPE, casting="unsafe") if pieces
+                  else np.zeros(0, TOKEN_DTYPE))
 
         out = self.job.out
         with out.write(unit_file(unit.index, "tokens")) as f:
