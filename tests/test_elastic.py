@@ -30,7 +30,7 @@ from training.config import ConfigError, TrainConfig
 from training.data import ShardLoader
 from training.elastic import check_group_sizes, uneven_split_note
 from training.progress import Progress
-from training.run import RAY_SNAPSHOT, main
+from training.run import RAY_SNAPSHOT, _max_failures, build_run_parser, main
 
 STEPS, EVERY = 40, 5
 # -d 256 = 4 micro-batches of -b 2 x -t 32: 4 micro-steps on one worker, 2 each on two, 2/1/1 on three.
@@ -111,6 +111,13 @@ def test_sizes_that_cannot_keep_the_global_batch_are_refused_naming_those_that_c
         check_group_sizes(config, 2, 6)
     with pytest.raises(ConfigError, match=r"^-d 250 is not a positive multiple of -b 2 x -t 32 = 64 tokens$"):
         check_group_sizes(TrainConfig(micro_batch=2, seq_len=32, total_batch_tokens=250), 1, 2)
+
+
+def test_an_elastic_run_survives_any_number_of_reclaims_unless_told_otherwise():
+    parse = build_run_parser().parse_args
+    assert _max_failures(parse(["--workers", "4", "--min-workers", "2"])) == -1
+    assert _max_failures(parse(["--workers", "4"])) == 3
+    assert _max_failures(parse(["--workers", "4", "--min-workers", "2", "--max-failures", "5"])) == 5
 
 
 def test_cost_counts_the_worker_hours_of_each_group_size():

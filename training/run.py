@@ -118,9 +118,9 @@ def build_run_parser() -> argparse.ArgumentParser:
     ray_flags.add_argument("--cpus-per-worker", type=float,
                            help="CPUs per worker (fractions allowed), rounded its torch threads on CPU (default: 1 "
                                 "with GPUs, else the cluster's CPUs / --workers, less what -h 1's eval tasks need)")
-    ray_flags.add_argument("--max-failures", type=int, default=3,
+    ray_flags.add_argument("--max-failures", type=int,
                            help="worker failures to recover from by restarting at the last checkpoint (-1 = "
-                                "unlimited; default: 3)")
+                                "unlimited; default: 3, or -1 with --min-workers: every spot reclaim is one)")
     ray_flags.add_argument("--report-interval", type=float, default=5.0,
                            help="seconds between ray.train.report calls, besides one per checkpoint and one at "
                                 "the end; dashboard gauges update every step (default: 5)")
@@ -153,6 +153,13 @@ def _absolute(path: str) -> str:
 def _group_sizes(args: argparse.Namespace) -> tuple[int, int]:
     """(smallest, largest) worker group: --min-workers (default: --workers, a fixed group) and --workers."""
     return args.workers if args.min_workers is None else args.min_workers, args.workers
+
+
+def _max_failures(args: argparse.Namespace) -> int:
+    if args.max_failures is not None:
+        return args.max_failures
+    smallest, largest = _group_sizes(args)
+    return -1 if smallest < largest else 3
 
 
 def plan(args: argparse.Namespace) -> tuple[TrainConfig, str]:
@@ -557,7 +564,7 @@ def launch_run(args: argparse.Namespace, callbacks: list | None = None) -> None:
                                      use_gpu=use_gpu, elastic_resize_monitor_interval_s=args.resize_interval,
                                      resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(name=run_name, storage_path=storage_path,
-                             failure_config=FailureConfig(max_failures=args.max_failures),
+                             failure_config=FailureConfig(max_failures=_max_failures(args)),
                              checkpoint_config=CheckpointConfig(num_to_keep=keep),
                              callbacks=[*(callbacks or []), _report_group_failures(groups)],
                              # Console as the engine prints it: Ray Train's print patch would log every
@@ -600,6 +607,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run.py: error: {err}", file=sys.stderr)
         return 1
     except TrainingFailedError as err:
-        print(f"run.py: error: training failed after {args.max_failures} restart(s): {err}", file=sys.stderr)
+        print(f"run.py: error: training failed after {_max_failures(args)} restart(s): {err}", file=sys.stderr)
         return 1
     return 0
