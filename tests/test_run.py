@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import psutil
 import pytest
 import torch
 
+from gpt2.mainlog import read
 from tests.test_train import final_weights, make_shards
 from training.run import RAY_SNAPSHOT, main
 
@@ -115,6 +117,20 @@ def test_killed_worker_resumes_from_the_checkpoint_and_ends_bitwise_equal(refere
     for name in straight:
         assert torch.equal(resumed[name], straight[name]), name
     assert (out / "main.log").read_text() == (reference / "main.log").read_text()
+
+
+def test_a_cloud_run_resumed_on_another_node_continues_its_logs(ray_cluster, data, tmp_path):
+    """-o as a URI (file:// takes the s3:// / gs:// code path): the engine writes into a local staging
+    directory and main.log goes up with every checkpoint. A restart on a node without that directory must
+    continue the uploaded main.log, not replace it with the lines written after the resume."""
+    out = tmp_path / "cloud"
+    flags = ["-i", str(data / "*_train_*.bin"), "-j", str(data / "*_val_*.bin"), "-o", f"file://{out}", *FLAGS]
+    assert main([*flags, "-x", "40"]) == 0
+    assert sorted(p.name for p in out.glob("ckpt_*")) == ["ckpt_00000020", "ckpt_00000040"]
+    shutil.rmtree(Path(tempfile.gettempdir()) / "raygpt2" / out.name)  # as on another node
+    assert main([*flags, "-x", "60", "-y", "1"]) == 0
+    log = read(out / "main.log")
+    assert [step for step, _ in log["trl"]] == list(range(60)) and [step for step, _ in log["tel"]] == [0, 40, 50, 60]
 
 
 def test_nan_loss_stops_the_run_naming_rank_and_step_without_retrying_forever(ray_cluster, data, tmp_path, capsys):

@@ -62,6 +62,7 @@ from training.train import TrainHooks, TrainingDiverged, TrainResult, train
 
 # Ray Train's bookkeeping file in the run directory; without it a new fit starts with no checkpoint.
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+RUN_LOGS = ("main.log", "hellaswag.jsonl")  # a cloud -o gets them with every checkpoint
 # Errors that a restart from the last checkpoint would only repeat.
 # Elastic runs' RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S unless set (Ray's default: 60 s). After a node is lost, Ray
 # Train sizes the next group from resources Ray still counts for a while (until the GCS declares the node dead,
@@ -317,14 +318,29 @@ class _RayReports:
         else:
             self.report(metrics, checkpoint=Checkpoint.from_directory(str(path)), checkpoint_dir_name=path.name,
                         delete_local_checkpoint_after_upload=True)
-            self.upload("main.log")
+            self.upload(*RUN_LOGS)
 
-    def upload(self, name: str) -> None:
-        """Copy a file of the local staging directory next to the checkpoints of a cloud -o."""
+    def upload(self, *names: str) -> None:
+        """Copy files of the local staging directory (those that exist) next to the checkpoints of a cloud -o."""
         import pyarrow.fs
 
         filesystem, path = _storage(self.launch.run_dir)
-        pyarrow.fs.copy_files(os.path.join(self.staging, name), f"{path}/{name}", destination_filesystem=filesystem)
+        for name in names:
+            if os.path.exists(local := os.path.join(self.staging, name)):
+                pyarrow.fs.copy_files(local, f"{path}/{name}", destination_filesystem=filesystem)
+
+
+def _fetch_run_logs(run_dir: str, staging: str) -> None:
+    """Rank 0 of a resumed cloud run on a node without its staging directory (a restart elsewhere): bring
+    back the logs as uploaded with the latest checkpoint, so that they are continued, not started over."""
+    import pyarrow.fs
+
+    filesystem, path = _storage(run_dir)
+    os.makedirs(staging, exist_ok=True)
+    for name in RUN_LOGS:
+        local = os.path.join(staging, name)
+        if not os.path.exists(local) and filesystem.get_file_info(f"{path}/{name}").type == pyarrow.fs.FileType.File:
+            pyarrow.fs.copy_files(f"{path}/{name}", local, source_filesystem=filesystem)
 
 
 class _WorkerHooks:
@@ -400,10 +416,7 @@ class _WorkerHooks:
             print(self.progress.line(result.steps, result.steps), flush=True)
             self._write_summary(result)
             if self.launch.remote:
-                self.reports.upload("main.log")
-                self.reports.upload("summary.json")
-                if (Path(self.config.output_dir) / "hellaswag.jsonl").exists():
-                    self.reports.upload("hellaswag.jsonl")
+                self.reports.upload(*RUN_LOGS, "summary.json")
         self.reports.report({"step": result.steps, **self.hellaswag_metrics, "timestamp": time.time()})
 
     def _write_summary(self, result: TrainResult) -> None:
@@ -462,6 +475,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if checkpoint is not None:  # a restart, or -y 1 finding an earlier fit's checkpoints
             config.resume_from = stack.enter_context(checkpoint.as_directory())
         try:
+            if rank == 0 and config.resume_from and staging:
+                _fetch_run_logs(launch.run_dir, staging)
             if rank == 0 and config.resume_from:  # before the engine trims main.log for its resume
                 resize = record_resize(Path(config.output_dir), Path(config.resume_from), launch.workers,
                                        _resize_reason(group_starts, group_failure))
