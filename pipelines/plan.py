@@ -1,7 +1,8 @@
 """The job's two plans: work units over the input, and shards over the tokens the units produce.
 
 Work units are sized by text bytes, whatever the files' row groups: small row groups (and small files) are
-coalesced and a huge row group is cut into row ranges, so every unit is a similar amount of BPE and the
+coalesced, a huge row group is cut into row ranges and a big jsonl file into byte ranges (each piece
+reads the lines that start in its range), so every unit is a similar amount of BPE and the
 per-unit overhead stays small next to it. The order of units is the order of documents.
 
 Shards are laid out from exact counts: the kept tokens of each unit, prefix-summed, give every unit's global
@@ -39,23 +40,30 @@ class WorkUnit:
 
     @classmethod
     def from_dict(cls, payload: dict) -> WorkUnit:
-        pieces = tuple(Piece(**{**p, "row_groups": tuple(p["row_groups"])}) for p in payload["pieces"])
+        pieces = tuple(Piece(**{**p, "row_groups": tuple(p["row_groups"]),
+                                "byte_range": tuple(p["byte_range"]) if p.get("byte_range") else None})
+                       for p in payload["pieces"])
         return cls(index=payload["index"], pieces=pieces, text_bytes=payload["text_bytes"])
 
 
 def _segments(inputs: InputFiles, unit_bytes: int):
-    """(file, row_group, skip, rows, first_row, text_bytes) in document order; big row groups cut in parts."""
+    """(piece, text_bytes) in document order: parquet row groups, big ones cut into row ranges; jsonl files
+    cut into byte ranges (a gzip file cannot be entered mid-stream: whole)."""
     for file, row_groups in enumerate(inputs.row_groups):
         first_row = 0
         for group, (rows, text_bytes) in enumerate(row_groups):
-            if rows < 0:  # a jsonl file: read whole
-                yield file, group, 0, -1, 0, text_bytes
-                continue
-            parts = max(1, min(rows, round(text_bytes / unit_bytes)))
-            bounds = np.linspace(0, rows, parts + 1).round().astype(int)
-            for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-                yield file, group, start, end - start, first_row + start, text_bytes * (end - start) // max(rows, 1)
-            first_row += rows
+            whole = rows < 0 and inputs.paths[file].endswith(".gz")
+            parts = 1 if whole else max(1, round(text_bytes / unit_bytes))
+            if rows >= 0:
+                parts = max(1, min(rows, parts))
+            bounds = np.linspace(0, text_bytes if rows < 0 else rows, parts + 1).round().astype(int).tolist()
+            for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+                if rows < 0:
+                    yield Piece(file, (), 0, -1, 0, None if whole else (start, end)), end - start
+                else:
+                    yield (Piece(file, (group,), start, end - start, first_row + start),
+                           text_bytes * (end - start) // max(rows, 1))
+            first_row += max(rows, 0)
 
 
 def plan_units(inputs: InputFiles, unit_bytes: int) -> list[WorkUnit]:
@@ -70,16 +78,16 @@ def plan_units(inputs: InputFiles, unit_bytes: int) -> list[WorkUnit]:
             units.append(WorkUnit(len(units), tuple(pieces), size))
         pieces, size = [], 0
 
-    for file, group, skip, rows, first_row, text_bytes in _segments(inputs, unit_bytes):
+    for piece, text_bytes in _segments(inputs, unit_bytes):
         last = pieces[-1] if pieces else None
-        if rows < 0:
-            pieces.append(Piece(file=file, row_groups=(), skip=0, rows=-1, first_row=0))
-        elif last is not None and last.file == file and last.rows >= 0 and last.first_row + last.rows == first_row:
+        if (last is not None and last.file == piece.file and last.rows >= 0 and piece.rows >= 0
+                and last.first_row + last.rows == piece.first_row):
             # the next rows of the same file: extend the piece (a new row group, or the same one's next cut)
-            groups = last.row_groups if last.row_groups[-1] == group else (*last.row_groups, group)
-            pieces[-1] = Piece(file, groups, last.skip, last.rows + rows, last.first_row)
+            groups = last.row_groups if last.row_groups[-1] == piece.row_groups[0] else \
+                (*last.row_groups, *piece.row_groups)
+            pieces[-1] = Piece(last.file, groups, last.skip, last.rows + piece.rows, last.first_row)
         else:
-            pieces.append(Piece(file=file, row_groups=(group,), skip=skip, rows=rows, first_row=first_row))
+            pieces.append(piece)
         size += text_bytes
         if size >= unit_bytes:
             close_unit()

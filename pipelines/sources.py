@@ -105,14 +105,16 @@ def _short(err: BaseException) -> str:
 
 @dataclass(frozen=True)
 class Piece:
-    """Consecutive rows of one input file: the rows of `row_groups` after skipping `skip`, `rows` of them
-    (-1: the whole file, for jsonl). `first_row` is the file row of the first one, for error messages."""
+    """Consecutive rows of one input file: the rows of `row_groups` after skipping `skip`, `rows` of them.
+    `first_row` is the file row of the first one, for error messages. A jsonl piece has `rows` -1: the
+    lines that start within `byte_range` [start, end) of the file, or the whole file if None (gzip)."""
 
     file: int
     row_groups: tuple[int, ...]
     skip: int
     rows: int
     first_row: int
+    byte_range: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,7 @@ class InputFiles:
                 return _read_parquet(self.filesystem, path, piece, columns, batch_rows)
         else:
             def read() -> pa.Table:
-                return _read_json(self.filesystem, path, columns)
+                return _read_json(self.filesystem, path, columns, piece.byte_range)
         table = with_retries(read, f"reading {path}")
         if (row := _first_invalid_utf8(table)) is not None:  # neither reader checks string contents
             located = _locate_json_error(self.filesystem, path, ["text"]) if self.format == "json" else None
@@ -251,14 +253,30 @@ def _read_parquet(fs: fsspec.AbstractFileSystem, path: str, piece: Piece, column
     return table
 
 
-def _read_json(fs: fsspec.AbstractFileSystem, path: str, columns: list[str]) -> pa.Table:
+def _line_start(f, offset: int) -> int:
+    """Where the first line that starts at or after byte `offset` of the open file `f` starts."""
+    if offset == 0:
+        return 0
+    f.seek(offset - 1)
+    return offset - 1 + len(f.readline())
+
+
+def _read_json(fs: fsspec.AbstractFileSystem, path: str, columns: list[str],
+               byte_range: tuple[int, int] | None) -> pa.Table:
     import pyarrow.json as pj
 
     schema = pa.schema([("text", pa.string())] + [(c, SCORE_COLUMNS[c]) for c in columns if c in SCORE_COLUMNS])
     options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
     try:
-        with _open_text_lines(fs, path) as stream:
-            return pj.read_json(stream, parse_options=options)
+        if byte_range is None:
+            with _open_text_lines(fs, path) as stream:
+                return pj.read_json(stream, parse_options=options)
+        with fs.open(path, "rb") as f:
+            start, end = (_line_start(f, offset) for offset in byte_range)
+            f.seek(start)
+            lines = f.read(end - start)
+        # a range inside one long line holds no line start: no rows
+        return pj.read_json(pa.BufferReader(lines), parse_options=options) if lines else schema.empty_table()
     except READ_ERRORS as err:
         if is_transient(err):
             raise

@@ -187,6 +187,17 @@ def test_jsonl_gz_gives_the_same_tokens_as_parquet(corpus, reference, tmp_path):
     assert sha256s(run(str(raw / "*.jsonl.gz"), tmp_path / "json")) == sha256s(reference[0])
 
 
+def test_a_big_jsonl_file_is_cut_into_units_on_line_boundaries(corpus, reference, tmp_path):
+    docs, _ = corpus
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    one = run(str(path), tmp_path / "one", unit_bytes=10**9)
+    # ranges of ~300 bytes: most start or end inside a line, some hold no line start at all
+    cut = run(str(path), tmp_path / "cut", unit_bytes=300, num_workers=3)
+    assert one["units"] == 1 and cut["units"] > len(docs) // 2
+    assert sha256s(one) == sha256s(cut) == sha256s(reference[0])
+
+
 def test_fsspec_urls_read_and_write_like_local_paths(corpus, reference, tmp_path):
     """The cloud code path (s3://, gs://, hf:// go through fsspec) exercised with file:// URLs."""
     _, pattern = corpus
