@@ -235,7 +235,11 @@ class _Driver:
         self.reserved: dict = {}  # worker -> the unit it is already reading ahead
         self.ordered_units = 0  # units 0..n-1 are all done: their shards' offsets are known
         self.kept_tokens: list[int] = []  # per unit, for units 0..ordered_units-1
+        self.unit_ends: list[int] = []  # the end of each of those units in the kept-token stream
         self.shards_launched = 0  # shards 0..n-1 are written or being written
+        self.shards_written = 0  # shards 0..n-1 are all written
+        self.units_consumed = 0  # units 0..n-1 are in written shards only: their token files are deleted
+        self.deleter = ThreadPoolExecutor(4)  # deletions on object stores are requests: off the scheduling loop
         self.tokens_this_run = 0
         self.resumed = {"units": 0, "shards": 0}
         self.remote_args = {"resources": {config.node_resource: NODE_RESOURCE_SHARE}} if config.node_resource else {}
@@ -250,7 +254,9 @@ class _Driver:
         def finished_unit(name: str) -> dict | None:
             counters = out.read_json(name)
             tokens = unit_file(counters["unit"], "tokens")
-            return counters if out.exists(tokens) and out.size(tokens) == 2 * counters["tokens"] else None
+            if not out.exists(tokens):  # its counters came after it: deleted once its shards were written
+                return counters
+            return counters if out.size(tokens) == 2 * counters["tokens"] else None
 
         def written_shards(name: str) -> dict[int, dict]:
             record = out.read_json(name)
@@ -387,6 +393,17 @@ class _Driver:
                 self._dispatch(worker)
             else:
                 self.shards.update({payload[0][0].index + k: entry for k, entry in enumerate(result)})
+                self._delete_consumed_units()
+
+    def _delete_consumed_units(self) -> None:
+        """Delete the token files of units that only written shards cover, so that -o does not hold every
+        token twice until the end (sample-100BT: ~200 GB of shards, and only the units in flight besides)."""
+        while self.shards_written in self.shards:
+            self.shards_written += 1
+        written_tokens = self.shards_written * self.config.shard_size
+        while self.units_consumed < self.ordered_units and self.unit_ends[self.units_consumed] <= written_tokens:
+            self.deleter.submit(self.out.remove, unit_file(self.units_consumed, "tokens"))
+            self.units_consumed += 1
 
     def _encoding(self) -> bool:
         return any(len(payload) == 1 for _, *payload in self.pending.values())
@@ -397,6 +414,7 @@ class _Driver:
             unit = self.ordered_units
             dropped = self.duplicates.get(unit, {}).get("tokens", 0)
             self.kept_tokens.append(self.counters[unit]["tokens"] - dropped)
+            self.unit_ends.append((self.unit_ends[-1] if self.unit_ends else 0) + self.kept_tokens[-1])
             self.ordered_units += 1
         total = sum(self.kept_tokens)
         size = self.config.shard_size
@@ -433,6 +451,7 @@ class _Driver:
         self._launch_shards(final=True)
         while self.pending:
             self._collect(timeout=10.0)
+        self.deleter.shutdown()  # waits; a deletion that failed leaves its file to the removal of tokenize_parts/
         return {"tokenize_s": encoded - started, "finish_s": time.monotonic() - encoded}
 
 

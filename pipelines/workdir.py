@@ -3,7 +3,7 @@
     manifest.json                        written last: the run is complete
     {prefix}_{val|train}_{i:06d}.bin     the shards
     tokenize_state.json                  written once when a run starts: its fingerprint and work units
-    tokenize_parts/unit_{u:06d}.tokens   one unit's kept documents, EOT first, as uint16 (deleted at the end)
+    tokenize_parts/unit_{u:06d}.tokens   one unit's kept documents, EOT first, as uint16 (deleted once in shards)
     tokenize_parts/unit_{u:06d}.json     ... its counters; written after the tokens, so it marks the unit done
     tokenize_parts/unit_{u:06d}.hashes.npy          --dedup: hash and length of each of its documents
     tokenize_parts/duplicates_{p:05d}.npy           --dedup: (unit, doc) repeating an earlier text, per partition

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -295,7 +296,12 @@ def test_killed_runs_resume_to_identical_bytes(ray_cluster, tmp_path):
     state = (out / STATE_FILE).read_bytes()
     done_before = len(list(parts.glob("unit_*.json")))
     second = _start(command)
-    _kill_when(second, lambda: len(list(parts.glob("shards_*.json"))) >= 3, "3 shard groups were written")
+
+    def consumed_units() -> list[Path]:  # done, and their tokens deleted once the shards they went into were written
+        return [p for p in parts.glob("unit_*.json") if not p.with_suffix(".tokens").exists()]
+
+    _kill_when(second, lambda: len(list(parts.glob("shards_*.json"))) >= 3 and consumed_units(),
+               "3 shard groups were written and their units' tokens deleted")
     assert (out / STATE_FILE).read_bytes() == state  # written once per run, never rewritten as it progresses
     assert not (out / "manifest.json").exists()
     for shard in out.glob("*.bin"):
