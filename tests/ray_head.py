@@ -89,14 +89,14 @@ def kill_tree(pid: int) -> None:
             continue
 
 
-def _alive_nodes(head: RayHead) -> int:
-    """Nodes the cluster lists alive (just after the head starts its state API may answer something other
-    than JSON: asked again then)."""
+def alive_nodes(head: RayHead) -> list[dict]:
+    """The nodes the cluster lists alive, as `ray list nodes` describes them (just after the head starts its
+    state API may answer something other than JSON: asked again then)."""
     for _ in range(30):
         done = subprocess.run([*RAY, "list", "nodes", "--address", head.dashboard_url, "--filter", "state=ALIVE",
                                "--format", "json"], env=head.env, capture_output=True, text=True)
         try:
-            return len(json.loads(done.stdout))
+            return json.loads(done.stdout)
         except ValueError:
             time.sleep(1)
     raise AssertionError(f"ray list nodes: {done.stdout[-2000:]}{done.stderr[-2000:]}")
@@ -106,7 +106,7 @@ def _alive_nodes(head: RayHead) -> int:
 def ray_node(head: RayHead, num_cpus: int = 1) -> Iterator[subprocess.Popen]:
     """One more node joining `head` on this machine (`ray start --address --block`, ports of its own), yielded
     once the cluster lists it alive; its process tree is killed on exit (see kill_tree)."""
-    nodes_before = _alive_nodes(head)
+    nodes_before = len(alive_nodes(head))
     metrics, agent, agent_grpc, runtime_env, node_manager, object_manager = free_ports(6)
     with open(head.temp_dir / f"ray-node-{node_manager}.log", "w") as log:
         node = subprocess.Popen(
@@ -118,7 +118,7 @@ def ray_node(head: RayHead, num_cpus: int = 1) -> Iterator[subprocess.Popen]:
             env=head.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 120
     try:
-        while _alive_nodes(head) <= nodes_before:
+        while len(alive_nodes(head)) <= nodes_before:
             assert node.poll() is None and time.monotonic() < deadline, "ray start --address did not come up"
             time.sleep(1)
         yield node

@@ -24,7 +24,7 @@ import torch
 from gpt2.checkpoint import load_part, read_state
 from gpt2.mainlog import read
 from tests.conftest import REPO
-from tests.ray_head import kill_tree, ray_head, ray_node
+from tests.ray_head import RAY, alive_nodes, kill_tree, ray_head, ray_node
 from tests.test_train import make_shards
 from training.config import ConfigError, TrainConfig
 from training.data import ShardLoader
@@ -180,4 +180,53 @@ def test_a_reclaimed_node_leaves_the_run_on_one_worker_with_the_same_result(refe
     summary = json.loads((out / "summary.json").read_text())
     assert summary["workers"] == 1 and summary["worker_hours"] < 2 * summary["elapsed_s"] / 3600  # part on 1
     assert_same_training(out, reference, STEPS)
+    assert_same_losses(out, reference)
+
+
+def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_there(ray_cluster, data, tmp_path,
+                                                                                 tmp_path_factory):
+    """As the reclaim above, but the second node is first drained for preemption with a deadline (what Ray's
+    autoscaler does on a spot notice, here `ray drain-node`), and SIGKILLed once the run has reacted. No -n
+    checkpoints: without the just-in-time one the restart would begin again at step 0."""
+    steps = 30
+    slower = ["-e", "L4H4C128", "-b", "4", "-t", "64", "-d", "1024", "-n", "0", "-x", str(steps),
+              "--report-interval", "0.5"]  # ~0.5 s a step here; later flags win over FLAGS'
+    reference, out = tmp_path / "reference", tmp_path / "preempted"
+    assert main([*flags(data, reference), *slower, "--workers", "2"]) == 0
+    fast_detection = {"health_check_period_ms": 1000, "health_check_failure_threshold": 2}
+    with ray_head(tmp_path_factory.mktemp("ray"), num_cpus=1, system_config=fast_detection) as head, \
+            ray_node(head, num_cpus=1) as node:
+        second = next(n["node_id"] for n in alive_nodes(head) if not n["is_head_node"])
+        reclaimed: dict[str, object] = {}
+
+        def drain_then_reclaim() -> None:
+            log, snapshot = out / "main.log", out / RAY_SNAPSHOT
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not (log.exists() and " trl:" in log.read_text()):
+                time.sleep(0.05)
+            subprocess.run([*RAY, "drain-node", "--address", head.gcs_address, "--node-id", second,
+                            "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim",
+                            "--deadline-remaining-seconds", "60"], env=head.env, check=True, capture_output=True)
+            while time.monotonic() < deadline and not (snapshot.exists() and "ckpt_" in snapshot.read_text()):
+                time.sleep(0.05)
+            reclaimed["finished"] = (out / f"ckpt_{steps:08d}").exists()
+            kill_tree(node.pid)
+
+        reclaimer = threading.Thread(target=drain_then_reclaim, daemon=True)
+        reclaimer.start()
+        run = subprocess.run([sys.executable, "training/run.py", "--address", head.gcs_address, "--workers", "2",
+                              "--min-workers", "1", *flags(data, out), *slower],
+                             cwd=REPO, env={**head.env, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"},
+                             capture_output=True, text=True, timeout=600)
+        reclaimer.join()
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert reclaimed == {"finished": False}, "the node was not reclaimed while the run was in progress"
+    notice = re.search(r"preemption notice: rank\(s\) 1 on a node being drained, reclaimed in \d+ s; "
+                       r"checkpointing at step (\d+)", run.stdout)
+    resize = re.search(r"resize: 2 -> 1 workers at step (\d+)", run.stdout)
+    assert notice and resize, run.stdout[-3000:]
+    assert 0 < int(notice[1]) == int(resize[1]) < steps  # resumed from the just-in-time checkpoint
+    log = (out / "main.log").read_text().splitlines()
+    assert [int(line.split()[0][2:]) for line in log if " trl:" in line] == list(range(steps))
+    assert_same_training(out, reference, steps)
     assert_same_losses(out, reference)

@@ -285,11 +285,27 @@ class _RayReports:
         self.launch, self.rank, self.device, self.staging = launch, rank, device, staging
         self.next_report = 0  # steps done at which the next report goes; 0: the first step reports at once
         self.last_report: tuple[int, float] | None = None  # (steps done, time.monotonic()) at the last one
+        self.preempted = False
 
-    def on_step(self, steps_done: int, metrics: dict[str, Any]) -> None:
-        if steps_done >= self.next_report:
-            self.report(metrics)
-            self.next_report = steps_done + self._agree_on_stride(steps_done)
+    def on_step(self, steps_done: int, metrics: dict[str, Any]) -> bool:
+        """Report when due; True when a checkpoint should be written now: a node of this group is being
+        preempted (drained by Ray, e.g. on a spot reclaim notice), so the restart that follows resumes from here
+        rather than from the last -n checkpoint."""
+        if steps_done < self.next_report:
+            return False
+        self.report(metrics)
+        self.next_report = steps_done + self._agree_on_stride(steps_done)
+        # a collective like the report: every rank asks at the same steps and gets rank 0's answer
+        notice = self.ray_train.get_preemption_info()
+        if notice is None or self.preempted:
+            return False
+        self.preempted = True
+        if self.rank == 0:
+            deadline = (f", reclaimed in {notice.deadline_ms / 1000 - time.time():.0f} s" if notice.deadline_ms
+                        else "")
+            print(f"preemption notice: rank(s) {', '.join(map(str, notice.preempted_ranks))} on a node being "
+                  f"drained{deadline}; checkpointing at step {steps_done}", flush=True)
+        return True
 
     def _agree_on_stride(self, steps_done: int) -> int:
         now = time.monotonic()
@@ -366,7 +382,7 @@ class _WorkerHooks:
                 on_result=self._hellaswag_result,
                 resume_step=read_state(config.resume_from)["step"] if config.resume_from else None)
 
-    def on_step(self, metrics: dict[str, Any]) -> None:
+    def on_step(self, metrics: dict[str, Any]) -> bool:
         # metrics["step"] is the step index, 0-based like the engine's loop; the console shows it 1-based.
         self.steps_done = metrics["step"] + ("loss" in metrics)
         self.total_steps = metrics.get("total_steps", self.total_steps)
@@ -377,10 +393,10 @@ class _WorkerHooks:
             self.gauges.update({**done, "elapsed_s": self.progress.elapsed(), "cost_usd": self.progress.cost(),
                                 "eta_s": self.progress.eta(self.steps_done, self.total_steps),
                                 "workers": self.launch.workers})
-        if "loss" in metrics:
-            self.reports.on_step(self.steps_done, done)
-        else:  # the final val-only call: always reported, so the last metrics reach Ray
+        if "loss" not in metrics:  # the final val-only call: always reported, so the last metrics reach Ray
             self.reports.report(done)
+            return False
+        return self.reports.on_step(self.steps_done, done)
 
     def _track_progress(self, metrics: dict[str, Any]) -> None:
         """Collect finished evals (never waits), and every -v steps print elapsed/ETA/cost (finish() prints

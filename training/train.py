@@ -56,12 +56,13 @@ SAMPLE_SEED = 1337  # llm.c's sampling RNG seed
 
 @dataclass
 class TrainHooks:
-    """Callbacks for a launcher. Both run on every rank, so they may make collective calls
+    """Callbacks for a launcher. They run on every rank, so they may make collective calls
     (e.g. ray.train.report); `on_checkpoint` fires once the directory is complete on disk; `on_eval` fires
     where llm.c evaluates HellaSwag (every -v step after step 0, and the last) with the model being trained
     (the module itself, not a DDP wrapper), a resumed run's first step included."""
 
-    on_step: Callable[[dict[str, Any]], None] | None = None
+    # may return True to have a checkpoint written after this step, out of -n's schedule (every rank alike)
+    on_step: Callable[[dict[str, Any]], bool | None] | None = None
     on_checkpoint: Callable[[int, Path], None] | None = None
     on_eval: Callable[[int, GPT], None] | None = None
 
@@ -335,6 +336,7 @@ class _Run:
         c = self.config
         single_batch = self.train_loader.next_step(self.micro_batches)[0] if c.overfit_single_batch else None
         train_loss = val_loss = checkpoint = None
+        checkpoint_asked = False
         try:
             for step in range(self.start_step, self.steps + 1):
                 last = step == self.steps
@@ -355,13 +357,13 @@ class _Run:
                     self.hooks.on_eval(step, self.model)
                 if self.master and fresh and c.sample_every > 0 and ((step > 0 and step % c.sample_every == 0) or last):
                     self._sample()
-                if self.out and fresh and (self._checkpoint_due(step) or last):
+                if self.out and fresh and (self._checkpoint_due(step) or last or checkpoint_asked):
                     checkpoint = self._save(step)
                 if not last:
                     metrics.update(self._train_step(step, single_batch))
                     train_loss = metrics["loss"]
                 if self.hooks.on_step and len(metrics) > 1:
-                    self.hooks.on_step(metrics)
+                    checkpoint_asked = bool(self.hooks.on_step(metrics))
         finally:
             if self.main_log:
                 self.main_log.close()
