@@ -143,33 +143,52 @@ def test_a_two_worker_checkpoint_resumes_on_three_workers_splitting_steps_uneven
     assert_same_losses(out, reference)
 
 
-def test_a_reclaimed_node_leaves_the_run_on_one_worker_with_the_same_result(reference, data, tmp_path,
-                                                                            tmp_path_factory):
-    """Two nodes of one CPU, a 2-worker run that may shrink to 1; once Ray registered a checkpoint, the second
-    node's process tree is SIGKILLed (no drain, as when a spot instance is reclaimed)."""
-    out = tmp_path / "elastic"
+def run_while_reclaiming(out: Path, run_flags: list[str], steps: int, tmp_path_factory,
+                         notice: bool = False) -> subprocess.CompletedProcess:
+    """`run.py --workers 2 --min-workers 1` on two nodes of one CPU; once Ray has registered a checkpoint the
+    second node's process tree is SIGKILLed (no drain, as when a spot instance is reclaimed). With `notice`,
+    once training has begun, the node is first drained for preemption with a deadline, as Ray's autoscaler
+    does on a spot notice (here `ray drain-node`)."""
     # Ray notices a dead node after `health_check_failure_threshold` missed checks of `health_check_period_ms`.
     fast_detection = {"health_check_period_ms": 1000, "health_check_failure_threshold": 2}
     with ray_head(tmp_path_factory.mktemp("ray"), num_cpus=1, system_config=fast_detection) as head, \
             ray_node(head, num_cpus=1) as node:
-        killed: dict[str, object] = {}
+        second = next(n["node_id"] for n in alive_nodes(head) if not n["is_head_node"])
+        reclaimed: dict[str, object] = {}
 
-        def reclaim_after_first_registered_checkpoint() -> None:
-            snapshot = out / RAY_SNAPSHOT
+        def reclaim() -> None:
             deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and not (snapshot.exists() and "ckpt_" in snapshot.read_text()):
-                time.sleep(0.05)
-            killed["finished"] = (out / f"ckpt_{STEPS:08d}").exists()
+
+            def wait_for(path: Path, text: str) -> None:
+                while time.monotonic() < deadline and not (path.exists() and text in path.read_text()):
+                    time.sleep(0.05)
+
+            if notice:
+                wait_for(out / "main.log", " trl:")
+                subprocess.run([*RAY, "drain-node", "--address", head.gcs_address, "--node-id", second,
+                                "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim",
+                                "--deadline-remaining-seconds", "60"], env=head.env, check=True, capture_output=True)
+            wait_for(out / RAY_SNAPSHOT, "ckpt_")
+            reclaimed["finished"] = (out / f"ckpt_{steps:08d}").exists()
             kill_tree(node.pid)
 
-        reclaimer = threading.Thread(target=reclaim_after_first_registered_checkpoint, daemon=True)
+        reclaimer = threading.Thread(target=reclaim, daemon=True)
         reclaimer.start()
         run = subprocess.run([sys.executable, "training/run.py", "--address", head.gcs_address, "--workers", "2",
-                              "--min-workers", "1", *flags(data, out), "-x", str(STEPS)],
-                             cwd=REPO, env=head.env, capture_output=True, text=True, timeout=600)
+                              "--min-workers", "1", *run_flags],
+                             cwd=REPO, env={**head.env, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"},
+                             capture_output=True, text=True, timeout=600)
         reclaimer.join()
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert killed == {"finished": False}, "the node was not reclaimed while the run was in progress"
+    assert reclaimed == {"finished": False}, "the node was not reclaimed while the run was in progress"
+    return run
+
+
+def test_a_reclaimed_node_leaves_the_run_on_one_worker_with_the_same_result(reference, data, tmp_path,
+                                                                            tmp_path_factory):
+    """Reclaimed without notice once Ray registered a -n checkpoint: the run finishes on one worker."""
+    out = tmp_path / "elastic"
+    run = run_while_reclaiming(out, [*flags(data, out), "-x", str(STEPS)], STEPS, tmp_path_factory)
     resize = re.search(r"resize: 2 -> 1 workers at step (\d+) \(rank \d failed: (.*)\); (\d+) step\(s\)", run.stdout)
     assert resize, run.stdout[-3000:]
     resumed_at = int(resize[1])
@@ -190,41 +209,14 @@ def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_there(
     checkpoints: without the just-in-time one the restart would begin again at step 0."""
     steps = 30
     slower = ["-e", "L4H4C128", "-b", "4", "-t", "64", "-d", "1024", "-n", "0", "-x", str(steps),
-              "--report-interval", "0.5"]  # ~0.5 s a step here; later flags win over FLAGS'
+              "--report-interval", "0.5"]  # ~0.5 s a step here; later flags win over FLAGS
     reference, out = tmp_path / "reference", tmp_path / "preempted"
     assert main([*flags(data, reference), *slower, "--workers", "2"]) == 0
-    fast_detection = {"health_check_period_ms": 1000, "health_check_failure_threshold": 2}
-    with ray_head(tmp_path_factory.mktemp("ray"), num_cpus=1, system_config=fast_detection) as head, \
-            ray_node(head, num_cpus=1) as node:
-        second = next(n["node_id"] for n in alive_nodes(head) if not n["is_head_node"])
-        reclaimed: dict[str, object] = {}
-
-        def drain_then_reclaim() -> None:
-            log, snapshot = out / "main.log", out / RAY_SNAPSHOT
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and not (log.exists() and " trl:" in log.read_text()):
-                time.sleep(0.05)
-            subprocess.run([*RAY, "drain-node", "--address", head.gcs_address, "--node-id", second,
-                            "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim",
-                            "--deadline-remaining-seconds", "60"], env=head.env, check=True, capture_output=True)
-            while time.monotonic() < deadline and not (snapshot.exists() and "ckpt_" in snapshot.read_text()):
-                time.sleep(0.05)
-            reclaimed["finished"] = (out / f"ckpt_{steps:08d}").exists()
-            kill_tree(node.pid)
-
-        reclaimer = threading.Thread(target=drain_then_reclaim, daemon=True)
-        reclaimer.start()
-        run = subprocess.run([sys.executable, "training/run.py", "--address", head.gcs_address, "--workers", "2",
-                              "--min-workers", "1", *flags(data, out), *slower],
-                             cwd=REPO, env={**head.env, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"},
-                             capture_output=True, text=True, timeout=600)
-        reclaimer.join()
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert reclaimed == {"finished": False}, "the node was not reclaimed while the run was in progress"
-    notice = re.search(r"preemption notice: rank\(s\) 1 on a node being drained, reclaimed in \d+ s; "
+    run = run_while_reclaiming(out, [*flags(data, out), *slower], steps, tmp_path_factory, notice=True)
+    notice = re.search(r"preemption notice: rank\(s\) \d on a node being drained, reclaimed in \d+ s; "
                        r"checkpointing at step (\d+)", run.stdout)
     resize = re.search(r"resize: 2 -> 1 workers at step (\d+)", run.stdout)
-    assert notice and resize, run.stdout[-3000:]
+    assert notice and resize, "\n".join(line for line in run.stdout.splitlines() if "step " not in line)[-6000:]
     assert 0 < int(notice[1]) == int(resize[1]) < steps  # resumed from the just-in-time checkpoint
     log = (out / "main.log").read_text().splitlines()
     assert [int(line.split()[0][2:]) for line in log if " trl:" in line] == list(range(steps))
