@@ -12,6 +12,7 @@ import numpy as np
 from pipelines.dedup import duplicate_docs, read_rows
 from pipelines.plan import ShardPlan
 from pipelines.shards import TOKEN_DTYPE, shard_name, write_shard_chunks
+from pipelines.sources import InputError
 from pipelines.workdir import OutputDir, shard_record_file, unit_file
 
 READ_TOKENS = 16 << 20  # largest single read: bounds a task's memory whatever the shard and unit sizes
@@ -52,7 +53,11 @@ def assemble_shards(out: OutputDir, prefix: str, shards: list[ShardPlan],
         name = shard_name(prefix, shard.index)
         chunks = (reader.read(unit, offset, min(offset + READ_TOKENS, end))
                   for unit, start, end in shard.ranges for offset in range(start, end, READ_TOKENS))
-        sha256 = write_shard_chunks(out.path(name), shard.tokens, chunks)
+        try:
+            sha256 = write_shard_chunks(out.path(name), shard.tokens, chunks)
+        except FileNotFoundError as err:  # a unit's tokens are deleted once the shards they go into are written
+            raise InputError(f"{out.path(name)}: missing or damaged, and the unit tokens it was assembled from were "
+                             f"deleted after it was written ({err.filename}); pass --overwrite to start again") from err
         written.append({"name": name, "split": "val" if shard.index == 0 else "train", "tokens": shard.tokens,
                         "sha256": sha256})
     out.write_json(shard_record_file(shards[0].index, shards[-1].index), {"first": shards[0].index, "shards": written})

@@ -307,6 +307,13 @@ def test_killed_runs_resume_to_identical_bytes(ray_cluster, tmp_path):
     for shard in out.glob("*.bin"):
         read_header(shard)  # nothing half-written sits under a final name
 
+    damaged = tmp_path / "damaged"  # shards deleted by hand after the tokens they hold were deleted
+    shutil.copytree(out, damaged)
+    for shard in damaged.glob("*.bin"):
+        shard.unlink()
+    with pytest.raises(InputError, match=r"\.bin: missing or damaged.*--overwrite"):
+        run(pattern, damaged, **flags)
+
     resumed = run(pattern, out, **flags)
     assert resumed["resumed"]["units"] > done_before and resumed["resumed"]["shards"] >= 3
     assert sha256s(resumed) == sha256s(reference) and resumed["docs"] == reference["docs"]
