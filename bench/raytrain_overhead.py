@@ -8,6 +8,7 @@ Startup (worker group, process group, model build, first step; not the cluster) 
 
     python bench/raytrain_overhead.py                         # d6, B=4, T=64, 60 steps on random shards
     python bench/raytrain_overhead.py -e L4H4C256 --steps 100
+    python bench/raytrain_overhead.py --threads 1             # one core left to Ray's own processes
 """
 
 from __future__ import annotations
@@ -78,10 +79,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10, help="steps excluded from the steady state")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of direct and TorchTrainer runs")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads in both runs (default: every core; fewer leaves cores to Ray's processes)")
     options = parser.parse_args()
     import ray
 
-    threads = torch.get_num_threads()
+    threads = options.threads
+    torch.set_num_threads(threads)
     ray.init("local", num_cpus=threads, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
     tokens = options.micro_batch * options.seq_len

@@ -45,14 +45,16 @@ def drop_reasons(batch: pa.Table, config: FilterConfig) -> np.ndarray:
         failed = np.asarray(pc.fill_null(failed, True), dtype=bool)
         reasons[(reasons == 0) & failed] = code
 
-    # empty or whitespace only, without utf8_trim_whitespace's copy of every text
-    mark(DROP_REASONS.index("empty"), pc.or_(pc.equal(pc.utf8_length(text), 0), pc.utf8_is_space(text)))
+    # empty or whitespace only: byte lengths come from the offsets, and utf8_is_space stops at the first
+    # non-space character, so neither reads the texts through (utf8_length would: ~1% of the BPE time)
+    mark(DROP_REASONS.index("empty"), pc.or_(pc.equal(pc.binary_length(text), 0), pc.utf8_is_space(text)))
     for column, threshold in config.threshold_columns().items():
         if column in batch.column_names:
             mark(DROP_REASONS.index(column), pc.less(batch[column], threshold))
-    length = pc.utf8_length(text)
-    if config.min_chars:
-        mark(DROP_REASONS.index("min_chars"), pc.less(length, config.min_chars))
-    if config.max_chars is not None:
-        mark(DROP_REASONS.index("max_chars"), pc.greater(length, config.max_chars))
+    if config.min_chars or config.max_chars is not None:
+        length = pc.utf8_length(text)
+        if config.min_chars:
+            mark(DROP_REASONS.index("min_chars"), pc.less(length, config.min_chars))
+        if config.max_chars is not None:
+            mark(DROP_REASONS.index("max_chars"), pc.greater(length, config.max_chars))
     return reasons
