@@ -16,6 +16,9 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,7 +27,7 @@ import torch
 from gpt2.checkpoint import load_part, read_state
 from gpt2.mainlog import read
 from tests.conftest import REPO
-from tests.ray_head import RAY, alive_nodes, kill_tree, ray_head, ray_node
+from tests.ray_head import alive_nodes, kill_tree, ray_head, ray_node
 from tests.test_train import make_shards
 from training.config import ConfigError, TrainConfig
 from training.data import ShardLoader
@@ -143,18 +146,89 @@ def test_a_two_worker_checkpoint_resumes_on_three_workers_splitting_steps_uneven
     assert_same_losses(out, reference)
 
 
+class SpotMetadata(BaseHTTPRequestHandler):
+    """EC2's instance metadata service as IMDSv2 answers it: a token by PUT, then GETs that carry it; the
+    spot notice once `notice_at` is set. Setting it also expires the token, as the real one's TTL would."""
+
+    token = "token-1"
+    notice_at: datetime | None = None
+
+    def do_PUT(self) -> None:
+        if self.path != "/latest/api/token" or "X-aws-ec2-metadata-token-ttl-seconds" not in self.headers:
+            return self._answer(400)
+        self._answer(200, self.token)
+
+    def do_GET(self) -> None:
+        if self.headers.get("X-aws-ec2-metadata-token") != self.token:
+            return self._answer(401)
+        if self.path == "/latest/meta-data/instance-id":
+            return self._answer(200, "i-0123456789abcdef0")
+        if self.path == "/latest/meta-data/spot/instance-action" and self.notice_at:
+            return self._answer(200, json.dumps({"action": "terminate",
+                                                 "time": self.notice_at.strftime("%Y-%m-%dT%H:%M:%SZ")}))
+        self._answer(404)
+
+    def _answer(self, status: int, body: str = "") -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextmanager
+def spot_metadata():
+    """A metadata service on a free local port, yielding (its URL, its handler class, to post a notice)."""
+    handler = type("Metadata", (SpotMetadata,), {})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", handler
+    finally:
+        server.shutdown()
+
+
+def post_spot_notice(metadata: type[SpotMetadata], seconds: int) -> None:
+    metadata.notice_at = datetime.now(timezone.utc) + timedelta(seconds=seconds)
+    metadata.token = "token-2"
+
+
+def spot_watch(*flags: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "training.spot_watch", *flags], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_the_spot_watcher_finds_the_node_it_runs_on_and_exits_off_ec2(ray_cluster):
+    off_ec2 = subprocess.run([sys.executable, "-m", "training.spot_watch", "--metadata-url", "http://127.0.0.1:9"],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert off_ec2.returncode == 0 and "no EC2 instance metadata at http://127.0.0.1:9" in off_ec2.stdout
+    with spot_metadata() as (url, _):
+        watcher = spot_watch("--metadata-url", url, "--address", ray_cluster.get_runtime_context().gcs_address)
+        try:
+            first_line = watcher.stdout.readline()
+        finally:
+            watcher.kill()
+            watcher.wait()
+    assert first_line.startswith(f"spot watch: node {ray_cluster.get_runtime_context().get_node_id()}, "), first_line
+
+
 def run_while_reclaiming(out: Path, run_flags: list[str], steps: int, tmp_path_factory,
                          notice: bool = False) -> subprocess.CompletedProcess:
     """`run.py --workers 2 --min-workers 1` on two nodes of one CPU; once Ray has registered a checkpoint the
     second node's process tree is SIGKILLed (no drain, as when a spot instance is reclaimed). With `notice`,
-    once training has begun, the node is first drained for preemption with a deadline, as Ray's autoscaler
-    does on a spot notice (here `ray drain-node`)."""
+    once training has begun, EC2's spot notice appears in the node's instance metadata: the node's
+    `training.spot_watch` drains it for preemption with the notice's deadline."""
     # Ray notices a dead node after `health_check_failure_threshold` missed checks of `health_check_period_ms`.
     fast_detection = {"health_check_period_ms": 1000, "health_check_failure_threshold": 2}
     with ray_head(tmp_path_factory.mktemp("ray"), num_cpus=1, system_config=fast_detection) as head, \
-            ray_node(head, num_cpus=1) as node:
+            ray_node(head, num_cpus=1) as node, spot_metadata() as (metadata_url, metadata):
         second = next(n["node_id"] for n in alive_nodes(head) if not n["is_head_node"])
         reclaimed: dict[str, object] = {}
+        # two nodes on one machine: the watcher is told which one it stands for
+        watcher = spot_watch("--metadata-url", metadata_url, "--address", head.gcs_address, "--node-id", second,
+                             "--interval", "0.2", env=head.env) if notice else None
 
         def reclaim() -> None:
             deadline = time.monotonic() + 300
@@ -163,11 +237,10 @@ def run_while_reclaiming(out: Path, run_flags: list[str], steps: int, tmp_path_f
                 while time.monotonic() < deadline and not (path.exists() and text in path.read_text()):
                     time.sleep(0.05)
 
-            if notice:
+            if watcher:
                 wait_for(out / "main.log", " trl:")
-                subprocess.run([*RAY, "drain-node", "--address", head.gcs_address, "--node-id", second,
-                                "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim",
-                                "--deadline-remaining-seconds", "60"], env=head.env, check=True, capture_output=True)
+                post_spot_notice(metadata, seconds=60)
+                reclaimed["watcher"] = watcher.communicate(timeout=120)[0]
             wait_for(out / RAY_SNAPSHOT, "ckpt_")
             reclaimed["finished"] = (out / f"ckpt_{steps:08d}").exists()
             kill_tree(node.pid)
@@ -179,7 +252,12 @@ def run_while_reclaiming(out: Path, run_flags: list[str], steps: int, tmp_path_f
                              cwd=REPO, env={**head.env, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"},
                              capture_output=True, text=True, timeout=600)
         reclaimer.join()
+        if watcher and watcher.poll() is None:  # the run ended before the notice
+            watcher.kill()
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    if watcher:
+        assert watcher.returncode == 0 and re.search(r"EC2 will terminate this instance in \d+ s; draining "
+                                                     f"node {second}", reclaimed.pop("watcher")), reclaimed
     assert reclaimed == {"finished": False}, "the node was not reclaimed while the run was in progress"
     return run
 
@@ -204,8 +282,8 @@ def test_a_reclaimed_node_leaves_the_run_on_one_worker_with_the_same_result(refe
 
 def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_there(ray_cluster, data, tmp_path,
                                                                                  tmp_path_factory):
-    """As the reclaim above, but the second node is first drained for preemption with a deadline (what Ray's
-    autoscaler does on a spot notice, here `ray drain-node`), and SIGKILLed once the run has reacted. No -n
+    """As the reclaim above, but EC2's spot notice first reaches the second node, whose spot watcher drains
+    it for preemption with a deadline, and the node is SIGKILLed once the run has reacted. No -n
     checkpoints: without the just-in-time one the restart would begin again at step 0."""
     steps = 30
     slower = ["-e", "L4H4C128", "-b", "4", "-t", "64", "-d", "1024", "-n", "0", "-x", str(steps),
