@@ -54,7 +54,7 @@ class InstanceMetadata:
                 if err.code != 401:
                     raise
                 self.token = None
-        raise RuntimeError(f"{self.url}: the metadata service refused a fresh token")
+        raise PermissionError(f"{self.url}: the metadata service refused a fresh token")
 
 
 def interruption(metadata: InstanceMetadata) -> tuple[str, float] | None:
@@ -110,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"spot watch: no EC2 instance metadata at {args.metadata_url} ({err}); nothing to watch")
         return 0
-    address, node_id = locate(args.address, args.node_id)
+    try:
+        address, node_id = locate(args.address, args.node_id)
+    except ConnectionError as err:
+        print(f"{parser.prog}: error: --address {args.address}: {err}", file=sys.stderr)
+        return 2
     print(f"spot watch: node {node_id}, polling {args.metadata_url} every {args.interval:g} s", flush=True)
     while True:
         try:
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             if drain(address, node_id, action, seconds_left):
                 return 0
         time.sleep(args.interval)
+
 
 if __name__ == "__main__":
     sys.exit(main())
