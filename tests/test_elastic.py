@@ -200,11 +200,15 @@ def spot_watch(*flags: str, env: dict | None = None) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_the_spot_watcher_finds_the_node_it_runs_on_and_exits_off_ec2(ray_cluster):
+def test_the_spot_watcher_finds_the_node_it_runs_on_and_exits_off_ec2_or_off_a_cluster(ray_cluster):
     off_ec2 = subprocess.run([sys.executable, "-m", "training.spot_watch", "--metadata-url", "http://127.0.0.1:9"],
                              cwd=REPO, capture_output=True, text=True, timeout=60)
     assert off_ec2.returncode == 0 and "no EC2 instance metadata at http://127.0.0.1:9" in off_ec2.stdout
     with spot_metadata() as (url, _):
+        nowhere = subprocess.run([sys.executable, "-m", "training.spot_watch", "--metadata-url", url, "--address",
+                                  "127.0.0.1:9"], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert nowhere.returncode == 2 and nowhere.stderr.count("\n") == 1, nowhere.stderr
+        assert "error: --address 127.0.0.1:9: no Ray cluster answers there" in nowhere.stderr
         watcher = spot_watch("--metadata-url", url, "--address", ray_cluster.get_runtime_context().gcs_address)
         try:
             first_line = watcher.stdout.readline()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -69,8 +70,14 @@ def interruption(metadata: InstanceMetadata) -> tuple[str, float] | None:
 
 def locate(address: str, node_id: str | None) -> tuple[str, str]:
     """(GCS address, node id): the ones given, else those of the cluster and node this machine runs."""
-    if node_id and address != "auto":
-        return address, node_id
+    if address != "auto":
+        host, _, port = address.rpartition(":")
+        try:  # ray.init would wait for minutes on an address where nothing listens
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except (OSError, ValueError) as err:
+            raise ConnectionError(f"no Ray cluster answers there ({err})") from err
+        if node_id:
+            return address, node_id
     import ray
 
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
