@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, float | int]:
         parser.error(str(err))
     try:
         result = run(args)
-    except (HellaSwagFormatError, ModelSourceError) as err:
+    except (HellaSwagFormatError, ModelSourceError, ConnectionError) as err:  # ConnectionError: --address
         print(f"hellaswag.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
     print(f"HellaSwag {result['num_total']} examples | acc {result['acc']:.4f} ({result['num_correct']}) | "

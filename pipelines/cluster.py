@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipelines", "gpt2", "training", "evals")
 
 
+def check_listening(address: str) -> None:
+    """Raise ConnectionError at once when nothing listens at a host:port address: ray.init would wait there
+    for minutes before it gives up. "auto", "local" and other forms are left to Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as err:
+        raise ConnectionError(f"no Ray cluster answers there ({err})") from err
+
+
 def connect(address: str | None = None) -> None:
-    """ray.init so that every worker imports the code this driver runs.
+    """ray.init so that every worker imports the code this driver runs; ConnectionError names the --address
+    or RAY_ADDRESS where no cluster answers.
 
     A cluster this call starts runs on this machine and inherits the environment, so putting the repository
     on PYTHONPATH is enough and lets Ray hand tasks its already-started workers. Any other cluster gets the
@@ -25,4 +39,9 @@ def connect(address: str | None = None) -> None:
         ray.init("local", log_to_driver=True)
         return
     modules = [str(REPO_ROOT / name) for name in PACKAGES if (REPO_ROOT / name / "__init__.py").exists()]
-    ray.init(address=address, runtime_env={"py_modules": modules}, log_to_driver=True)
+    try:
+        check_listening(address or os.environ["RAY_ADDRESS"])
+        ray.init(address=address, runtime_env={"py_modules": modules}, log_to_driver=True)
+    except ConnectionError as err:
+        given = f"--address {address}" if address else f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
+        raise ConnectionError(f"{given}: {err}") from err

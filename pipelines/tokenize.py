@@ -501,7 +501,7 @@ def tokenize(config: TokenizeConfig) -> dict:
         try:
             connect(config.address)
         except ConnectionError as err:
-            raise InputError(f"--address {config.address or os.environ.get('RAY_ADDRESS')}: {err}") from err
+            raise InputError(str(err)) from err
         connected = time.monotonic()
         driver.size_workers()
         if recorded is None:

@@ -127,9 +127,12 @@ def _checkpoint(tmp: Path) -> Path:
     return tmp / "run"
 
 
+GOOD_EXAMPLE = {"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 0}
+NOTHING_LISTENS = "127.0.0.1:9"  # the discard port: no Ray cluster there, and ray.init would wait minutes on it
+
+
 def _malformed_hellaswag(tmp: Path) -> Path:
-    good = {"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 0}
-    return _jsonl(tmp, [json.dumps(good), json.dumps({**good, "label": 7})], "hellaswag.jsonl")
+    return _jsonl(tmp, [json.dumps(GOOD_EXAMPLE), json.dumps({**GOOD_EXAMPLE, "label": 7})], "hellaswag.jsonl")
 
 
 def _tokenize_lines(*bad: tuple[int, bytes]) -> Callable[[Path], list[str]]:
@@ -229,6 +232,14 @@ CASES = [
     Case("run.py: -h 1 with a malformed --hellaswag-file",
          lambda tmp: ["training/run.py", *_engine_flags(_shards(tmp), tmp / "run", "-h", "1", "--hellaswag-file",
                                                         str(_malformed_hellaswag(tmp)))], "hellaswag.jsonl:2"),
+    Case("tokenize: --address where nothing listens", lambda tmp: _tokenize(tmp, "--address", NOTHING_LISTENS),
+         f"--address {NOTHING_LISTENS}: no Ray cluster answers there"),
+    Case("run.py: --address where nothing listens", _engine("training/run.py", "--address", NOTHING_LISTENS),
+         f"--address {NOTHING_LISTENS}: no Ray cluster answers there"),
+    Case("hellaswag.py: --address where nothing listens",
+         lambda tmp: ["evals/hellaswag.py", "--checkpoint", str(_checkpoint(tmp)), "--address", NOTHING_LISTENS,
+                      "--file", str(_jsonl(tmp, [json.dumps(GOOD_EXAMPLE)], "hellaswag.jsonl"))],
+         f"--address {NOTHING_LISTENS}: no Ray cluster answers there"),
     Case("train.py: --resume-from a missing directory", _engine("training/train.py", "--resume-from", "/nowhere/ckpt"),
          "/nowhere/ckpt"),
     Case("train.py: -t beyond the model's context", _engine("training/train.py", "-t", "2048"), "-t 2048"),

@@ -209,6 +209,13 @@ def test_the_spot_watcher_finds_the_node_it_runs_on_and_exits_off_ec2_or_off_a_c
                                   "127.0.0.1:9"], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert nowhere.returncode == 2 and nowhere.stderr.count("\n") == 1, nowhere.stderr
         assert "error: --address 127.0.0.1:9: no Ray cluster answers there" in nowhere.stderr
+        address = ray_cluster.get_runtime_context().gcs_address
+        no_such_node = subprocess.run([sys.executable, "-m", "training.spot_watch", "--metadata-url", url,
+                                       "--address", address, "--node-id", "ab" * 28],
+                                      cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert no_such_node.returncode == 2, no_such_node.stderr
+        assert no_such_node.stderr.strip().splitlines()[-1].endswith(
+            f"error: --node-id {'ab' * 28}: no live node of the cluster at {address} has it"), no_such_node.stderr
         watcher = spot_watch("--metadata-url", url, "--address", ray_cluster.get_runtime_context().gcs_address)
         try:
             first_line = watcher.stdout.readline()

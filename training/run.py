@@ -626,7 +626,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, HellaSwagFormatError) as err:
         print(f"run.py: error: {err}", file=sys.stderr)
         return 2
-    connect(args.address)
+    try:
+        connect(args.address)
+    except ConnectionError as err:
+        print(f"run.py: error: {err}", file=sys.stderr)
+        return 2
     from ray.train import TrainingFailedError
 
     try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import urllib.request
 from datetime import datetime, timezone
 
 from pipelines import cli
+from pipelines.cluster import check_listening
 
 METADATA_URL = "http://169.254.169.254"
 TOKEN_TTL_S = 21600
@@ -69,21 +69,19 @@ def interruption(metadata: InstanceMetadata) -> tuple[str, float] | None:
 
 
 def locate(address: str, node_id: str | None) -> tuple[str, str]:
-    """(GCS address, node id): the ones given, else those of the cluster and node this machine runs."""
-    if address != "auto":
-        host, _, port = address.rpartition(":")
-        try:  # ray.init would wait for minutes on an address where nothing listens
-            socket.create_connection((host, int(port)), timeout=5).close()
-        except (OSError, ValueError) as err:
-            raise ConnectionError(f"no Ray cluster answers there ({err})") from err
-        if node_id:
-            return address, node_id
+    """(GCS address, node id) of the cluster at `address` and of `node_id`, else of the node this machine runs.
+    ConnectionError when no cluster answers; LookupError when no live node of it has `node_id`."""
+    check_listening(address)
     import ray
 
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     try:
         context = ray.get_runtime_context()
-        return context.gcs_address, node_id or context.get_node_id()
+        if node_id is None:
+            return context.gcs_address, context.get_node_id()
+        if node_id not in {node["NodeID"] for node in ray.nodes() if node["Alive"]}:
+            raise LookupError(f"--node-id {node_id}: no live node of the cluster at {context.gcs_address} has it")
+        return context.gcs_address, node_id
     finally:
         ray.shutdown()
 
@@ -121,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         address, node_id = locate(args.address, args.node_id)
     except ConnectionError as err:
         print(f"{parser.prog}: error: --address {args.address}: {err}", file=sys.stderr)
+        return 2
+    except LookupError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     print(f"spot watch: node {node_id}, polling {args.metadata_url} every {args.interval:g} s", flush=True)
     while True:
