@@ -22,6 +22,13 @@ def check_listening(address: str) -> None:
         raise ConnectionError(f"no Ray cluster answers there ({err})") from err
 
 
+def starts_local_cluster(address: str | None) -> bool:
+    """Whether connect(address) starts a cluster on this machine, whose workers see this machine's files."""
+    import ray
+
+    return address is None and "RAY_ADDRESS" not in os.environ and not ray.is_initialized()
+
+
 def connect(address: str | None = None) -> None:
     """ray.init so that every worker imports the code this driver runs; ConnectionError names the --address
     or RAY_ADDRESS where no cluster answers.
@@ -34,7 +41,7 @@ def connect(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    if address is None and "RAY_ADDRESS" not in os.environ:
+    if starts_local_cluster(address):
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         ray.init("local", log_to_driver=True)
         return

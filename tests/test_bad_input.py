@@ -246,6 +246,8 @@ CASES = [
     Case("train.py: -x -5", _engine("training/train.py", "-x", "-5"), "-x -5"),
     Case("train.py: -i matches nothing", lambda tmp: ["training/train.py", "-i", str(tmp / "none_*.bin"), "-j", ""],
          "-i "),
+    Case("run.py: -i matches nothing", lambda tmp: ["training/run.py", "-i", str(tmp / "none_*.bin"), "-j", "",
+                                                    "-o", str(tmp / "run")], "-i"),
     Case("plot.py: a directory without main.log", lambda tmp: ["training/plot.py", str(tmp)], "main.log"),
     Case("export.py: nothing to do", lambda tmp: ["training/export.py", str(tmp)], "--llmc"),
     Case("hellaswag.py: --tasks -1", lambda tmp: ["evals/hellaswag.py", "--checkpoint", str(tmp), "--tasks", "-1"],

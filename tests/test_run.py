@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -138,6 +139,14 @@ def test_nan_loss_stops_the_run_naming_rank_and_step_without_retrying_forever(ra
     assert run(data, out, "-l", "1e30", "--max-failures", "1") == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("run.py: error: rank ") and ", step 2: loss is nan" in error
+
+
+def test_bad_input_a_worker_meets_is_one_line_and_exit_2(ray_cluster, data, tmp_path, capsys):
+    """On a cluster run.py joins, -i is globbed where the workers run, not by the driver."""
+    missing = tmp_path / "elsewhere_*.bin"
+    assert run(data, tmp_path / "run", "-i", str(missing), "--max-failures", "0") == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"run\.py: error: rank \d, setup: -i '{re.escape(str(missing))}': no files match", error)
 
 
 def test_global_batch_that_does_not_divide_names_the_numbers(data, tmp_path, capsys):

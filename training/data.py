@@ -22,12 +22,18 @@ from pipelines.shards import ShardFormatError, read_shard
 from training.config import ConfigError
 
 
+def shard_files(pattern: str, flag: str) -> list[str]:
+    """The shards `pattern` matches, in order; ConfigError names `flag` when it matches none."""
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise ConfigError(f"{flag} {pattern!r}: no files match")
+    return files
+
+
 class ShardLoader:
     def __init__(self, pattern: str, flag: str, batch: int, seq_len: int, rank: int = 0, world: int = 1,
                  seed: int = 42, shuffle: bool = True, vocab_size: int = GPT2_VOCAB):
-        self.files = sorted(glob.glob(pattern))
-        if not self.files:
-            raise ConfigError(f"{flag} {pattern!r}: no files match")
+        self.files = shard_files(pattern, flag)
         self.shards = [read_shard(path) for path in self.files]
         self.batch, self.seq_len, self.rank, self.world = batch, seq_len, rank, world
         self.seed, self.shuffle, self.vocab_size = seed, shuffle, vocab_size

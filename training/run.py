@@ -54,6 +54,7 @@ from pipelines.files import write_json
 from pipelines.shards import ShardFormatError
 from training.config import ConfigError, TrainConfig, build_parser, config_from_args
 from training.console import RAY_TRAIN_CONSOLE_LEVEL, quiet_ray_train_console
+from training.data import shard_files
 from training.elastic import check_group_sizes, record_resize, uneven_split_note
 from training.gauges import RunGauges
 from training.progress import Progress, hour_price
@@ -70,12 +71,17 @@ RUN_LOGS = ("main.log", "hellaswag.jsonl")  # a cloud -o gets them with every ch
 # group cannot be placed, and this timeout is how soon Ray Train gives up on it and sizes again; a group sized
 # from resources that exist is placed at once.
 ELASTIC_GROUP_START_TIMEOUT_S = 10
-DETERMINISTIC_ERRORS = (ConfigError, CheckpointError, ShardFormatError, LlmcFormatError, HellaSwagFormatError,
-                        TrainingDiverged, torch.OutOfMemoryError)
+INPUT_ERRORS = (ConfigError, CheckpointError, ShardFormatError, LlmcFormatError, HellaSwagFormatError)
+DETERMINISTIC_ERRORS = (*INPUT_ERRORS, TrainingDiverged, torch.OutOfMemoryError)
 
 
 class FatalTrainingError(RuntimeError):
-    """An error that restarting the workers cannot fix; the message names the rank and step."""
+    """An error that restarting the workers cannot fix; the message names the rank and step. `bad_input`:
+    the flags or files are at fault (exit status 2, as when the driver finds it), not the training."""
+
+    def __init__(self, message: str, bad_input: bool = False):
+        super().__init__(message)
+        self.bad_input = bad_input
 
 
 @dataclass
@@ -219,14 +225,15 @@ class _FailureLog:
     can see it. A Ray actor with no CPU; created by the driver for one fit."""
 
     def __init__(self):
-        self.message: str | None = None
+        self.error: tuple[str, bool] | None = None
 
-    def record(self, message: str) -> None:
-        if self.message is None:
-            self.message = message
+    def record(self, message: str, bad_input: bool) -> None:
+        if self.error is None:
+            self.error = message, bad_input
 
-    def first(self) -> str | None:
-        return self.message
+    def first(self) -> tuple[str, bool] | None:
+        """(message, bad_input) of the first error recorded."""
+        return self.error
 
 
 class _WorkerGroupLog:
@@ -472,7 +479,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     quiet_ray_train_console()
     recorded = ray.get(failures.first.remote())
     if recorded:  # Ray restarted us after an error that would only happen again
-        raise FatalTrainingError(recorded)
+        raise FatalTrainingError(*recorded)
     if launch.use_gpu:
         config.device = str(ray.train.torch.get_device())
     else:
@@ -505,8 +512,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             steps_done = hooks.steps_done if hooks else None
             step = err.step if isinstance(err, TrainingDiverged) else None if steps_done is None else steps_done + 1
             message = f"rank {rank}, {'setup' if step is None else f'step {step}'}: {err}"
-            ray.get(failures.record.remote(message))
-            raise FatalTrainingError(message) from err
+            bad_input = isinstance(err, INPUT_ERRORS)
+            ray.get(failures.record.remote(message, bad_input))
+            raise FatalTrainingError(message, bad_input) from err
         hooks.finish(result)
 
 
@@ -609,16 +617,20 @@ def launch_run(args: argparse.Namespace, callbacks: list | None = None) -> None:
     except Exception as err:
         recorded = ray.get(failures.first.remote())
         if recorded:
-            raise FatalTrainingError(recorded) from err
+            raise FatalTrainingError(*recorded) from err
         raise
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.cluster import connect
+    from pipelines.cluster import connect, starts_local_cluster
 
     args = build_run_parser().parse_args(argv)
     try:  # flag errors before any cluster starts
         config, run_dir = plan(args)
+        if starts_local_cluster(args.address):  # the workers will see this machine's files: look now
+            shard_files(config.train_data, "-i")
+            if config.val_data:
+                shard_files(config.val_data, "-j")
         if args.hellaswag and args.hellaswag_file:
             load_examples(args.hellaswag_file)  # a malformed file fails here, not in every restarted worker
         if not _is_uri(run_dir):
@@ -640,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FatalTrainingError as err:
         print(f"run.py: error: {err}", file=sys.stderr)
-        return 1
+        return 2 if err.bad_input else 1
     except TrainingFailedError as err:
         print(f"run.py: error: training failed after {_max_failures(args)} restart(s): {err}", file=sys.stderr)
         return 1
