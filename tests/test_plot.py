@@ -42,3 +42,28 @@ def test_cli_writes_a_png(tmp_path):
     missing = subprocess.run([sys.executable, "training/plot.py", str(tmp_path / "nope")], cwd=REPO,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "main.log" in missing.stderr
+
+
+def plot_cli(run_dir):
+    return subprocess.run([sys.executable, "training/plot.py", str(run_dir)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_run_without_evals_and_a_damaged_checkpoint_still_plots_without_warnings(tmp_path):
+    write_run(tmp_path / "run")
+    log = tmp_path / "run" / "main.log"
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines() if " eval:" not in line))
+    (tmp_path / "run" / "ckpt_00000049" / "state.json").write_text('{"model_config": {"n_lay')  # cut short
+    result = plot_cli(tmp_path / "run")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "state.json: unreadable" in result.stdout and "no reference lines" in result.stdout
+    assert (tmp_path / "run" / "main.png").stat().st_size > 0
+
+
+def test_a_main_log_without_loss_lines_is_one_line_exit_2(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "main.log").write_text("s 0 trl 4.0\nnot a line of the engine's\n")
+    result = plot_cli(tmp_path / "run")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"plot.py: error: {tmp_path / 'run' / 'main.log'}: no loss lines to plot")
+    assert not (tmp_path / "run" / "main.png").exists()

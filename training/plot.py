@@ -33,37 +33,43 @@ def model_size(run_dir: Path, model: str | None) -> str | None:
     states = sorted(run_dir.glob("ckpt_*/state.json"))
     if not states:
         return None
-    config = json.loads(states[-1].read_text())["model_config"]
-    return GPT2_SIZES.get((config["n_layer"], config["n_embd"]))
+    try:
+        config = json.loads(states[-1].read_text())["model_config"]
+        return GPT2_SIZES.get((config["n_layer"], config["n_embd"]))
+    except (OSError, ValueError, KeyError, TypeError) as err:  # a damaged checkpoint must not stop a plot
+        print(f"note: {states[-1]}: unreadable ({err!r}); no reference lines (-e names the model)")
+        return None
 
 
-def plot(run_dir: Path, output: Path, model: str | None = None) -> Path:
+def plot(series: dict[str, list[tuple[int, float]]], output: Path, title: str, size: str | None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: runs on headless nodes
     import matplotlib.pyplot as plt
 
-    series = mainlog.read(run_dir / "main.log")
-    size = model_size(run_dir, model)
     figure, (loss_axis, eval_axis) = plt.subplots(1, 2, figsize=(16, 6))
     for kind, label in (("trl", "train loss"), ("tel", "val loss")):
         if series[kind]:
             steps, values = zip(*series[kind], strict=True)
-            loss_axis.plot(steps, values, label=label)
+            loss_axis.plot(steps, values, label=label, marker="o" if len(steps) == 1 else None)  # a lone point
     if size:
         loss_axis.axhline(GPT2_FINEWEB_VAL_LOSS[size], color="r", linestyle="--",
                           label=f"OpenAI GPT-2 ({size}) FineWeb val loss")
     loss_axis.set(xlabel="step", ylabel="loss", title="Loss")
-    loss_axis.legend()
     if series["eval"]:
         steps, values = zip(*series["eval"], strict=True)
-        eval_axis.plot(steps, values, label="HellaSwag acc_norm")
+        eval_axis.plot(steps, values, label="HellaSwag acc_norm", marker="o" if len(steps) == 1 else None)
     if size:
         eval_axis.axhline(GPT2_HELLASWAG[size], color="r", linestyle="--", label=f"OpenAI GPT-2 ({size})")
         eval_axis.axhline(GPT3_HELLASWAG[size], color="g", linestyle="--", label=f"OpenAI GPT-3 ({size})")
     eval_axis.set(xlabel="step", ylabel="accuracy", title="HellaSwag eval")
-    eval_axis.legend()
-    figure.suptitle(f"{run_dir}" + (f" — GPT-2 {size}" if size else ""))
+    if not series["eval"]:
+        eval_axis.text(0.5, 0.5, "no HellaSwag evals in main.log (-h 1 runs them)", ha="center",
+                       transform=eval_axis.transAxes)
+    for axis in (loss_axis, eval_axis):
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend()
+    figure.suptitle(title + (f" — GPT-2 {size}" if size else ""))
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(output) as f:
         figure.savefig(f, format="png", dpi=100, bbox_inches="tight")
@@ -79,9 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     log = args.run_dir / "main.log"
     if not log.exists():
-        print(f"error: {log}: no such file (is {args.run_dir} a training output dir?)", file=sys.stderr)
+        print(f"plot.py: error: {log}: no such file (is {args.run_dir} a training output dir?)", file=sys.stderr)
         return 2
-    print(f"wrote {plot(args.run_dir, args.output or args.run_dir / 'main.png', args.model)}")
+    try:
+        series = mainlog.read(log)
+    except (OSError, UnicodeDecodeError) as err:
+        print(f"plot.py: error: {log}: unreadable ({err})", file=sys.stderr)
+        return 2
+    if not (series["trl"] or series["tel"]):
+        print(f"plot.py: error: {log}: no loss lines to plot (the engine writes 's:STEP trl:LOSS ...')",
+              file=sys.stderr)
+        return 2
+    output = args.output or args.run_dir / "main.png"
+    print(f"wrote {plot(series, output, str(args.run_dir), model_size(args.run_dir, args.model))}")
     return 0
 
 
