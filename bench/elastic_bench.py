@@ -31,15 +31,15 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: training.*, tests.ray_head
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: training.*, pipelines.*
 
 import torch
 
 from gpt2.checkpoint import save_checkpoint
 from gpt2.model import GPT, GPTConfig
-from tests.ray_head import kill_tree, ray_head, ray_node
-from tests.test_train import make_shards
+from pipelines.shards import write_random_shards
 from training.config import TrainConfig
+from training.local_cluster import kill_tree, ray_head, ray_node
 from training.train import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,7 +139,8 @@ def main() -> None:
     parser.add_argument("--reclaims-per-hour", type=float, nargs="+", default=[0.1, 0.5, 1.0, 2.0])
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="elastic_bench_"))
-    data = make_shards(work / "shards", tokens_per_shard=200_000)
+    data = work / "shards"
+    write_random_shards(data, tokens_per_shard=200_000)
     out = work / "run"
     command = [sys.executable, "training/run.py", "--workers", "2", "--min-workers", "1", "--cpus-per-worker", "1",
                "--resize-interval", str(args.resize_interval), "-i", str(data / "*_train_*.bin"), "-j", "",

@@ -22,19 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for training.* and pipelines.*
 
-import numpy as np
 import torch
 
-from pipelines.shards import shard_name, write_shard
+from pipelines.shards import write_random_shards
 from training.config import TrainConfig
 from training.run import build_run_parser, launch_run
 from training.train import TrainHooks, train
-
-
-def make_shards(directory: Path, tokens: int) -> None:
-    rng = np.random.default_rng(0)
-    for index in range(2):
-        write_shard(directory / shard_name("bench", index), rng.integers(0, 50257, tokens))
 
 
 def steady(times: dict[int, float], first: int, last: int, tokens_per_step: int) -> float:
@@ -92,7 +85,7 @@ def main() -> None:
     best: dict[str, tuple[float, float]] = {}  # name -> (steady tok/s, startup s)
     with tempfile.TemporaryDirectory() as scratch:
         scratch_path = Path(scratch)
-        make_shards(scratch_path, 200_000)
+        write_random_shards(scratch_path, "bench", shards=2, tokens_per_shard=200_000)
         flags = ["-i", str(scratch_path / "*_train_*.bin"), "-j", "", "-e", options.model,
                  "-b", str(options.micro_batch), "-t", str(options.seq_len), "-x", str(options.steps),
                  "-s", "0", "-v", "0", "--seed", "1"]

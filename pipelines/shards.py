@@ -117,3 +117,15 @@ def file_sha256(path: str | os.PathLike) -> str:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def write_random_shards(directory: str | os.PathLike, prefix: str = "rand", shards: int = 3,
+                        tokens_per_shard: int = 4000, seed: int = 0) -> list[str]:
+    """Shards of uniformly random GPT-2 token ids, llm.c-named (shard 0 val, the rest train): data for
+    benchmarks and tests that measure the machinery, not the model. Returns the paths written."""
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = [os.path.join(directory, shard_name(prefix, index)) for index in range(shards)]
+    for path in paths:
+        write_shard(path, rng.integers(0, 50257, tokens_per_shard))
+    return paths

@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 
 from pipelines.shards import shard_name, write_shard
-from tests.conftest import REPO
-from tests.test_train import make_shards, tiny_config
+from tests.helpers import REPO, make_shards, tiny_config
 from training.train import train
 
 RAY_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING) \S+\.py:\d+ -- ")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpt2.checkpoint import CheckpointError, list_checkpoints, load_model, load_part
-from tests.test_train import make_shards, tiny_config
+from tests.helpers import make_shards, tiny_config
 from training.train import TrainHooks, main, train
 
 

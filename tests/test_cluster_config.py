@@ -8,7 +8,7 @@ import jsonschema
 import ray
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def load_cluster() -> dict:

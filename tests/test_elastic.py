@@ -26,12 +26,11 @@ import torch
 
 from gpt2.checkpoint import load_part, read_state
 from gpt2.mainlog import read
-from tests.conftest import REPO
-from tests.ray_head import alive_nodes, kill_tree, ray_head, ray_node
-from tests.test_train import make_shards
+from tests.helpers import REPO, make_shards
 from training.config import ConfigError, TrainConfig
 from training.data import ShardLoader
 from training.elastic import check_group_sizes, uneven_split_note
+from training.local_cluster import alive_nodes, kill_tree, ray_head, ray_node
 from training.progress import Progress
 from training.run import RAY_SNAPSHOT, _max_failures, build_run_parser, main
 

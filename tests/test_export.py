@@ -8,7 +8,7 @@ from transformers import GPT2LMHeadModel
 from gpt2.checkpoint import load_part
 from gpt2.interop import LLMC_MAGIC, LlmcFormatError, read_llmc, write_llmc
 from gpt2.model import GPT, GPT2_VOCAB, PADDED_VOCAB, GPTConfig
-from tests.test_train import make_shards, tiny_config
+from tests.helpers import make_shards, tiny_config
 from training.export import main
 from training.train import train
 

@@ -4,7 +4,7 @@ import ast
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 PACKAGES = ("pipelines", "gpt2", "training", "evals")
 # What each package may import from the others: data flows pipelines -> gpt2 -> training / evals, and the

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.ray_head import RAY, free_ports, ray_head
-from tests.test_train import make_shards
+from tests.helpers import make_shards
 from training.gauges import SERIES
+from training.local_cluster import RAY, free_ports, ray_head
 from training.monitor import (
     CORE_DASHBOARD_FILE_NAME,
     DASHBOARD_FILE_NAME,

@@ -27,7 +27,7 @@ from pipelines.tokenize import TokenizeConfig, tokenize
 from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
 from pipelines.workdir import PARTS_DIR, STATE_FILE, OutputDir, unit_file
 from pipelines.worker import TokenizeWorker
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 WORDS = ("the model reads tokens from shards and learns to predict the next one while the optimizer "
          "updates every weight a little after each batch of text drawn from educational web pages").split()

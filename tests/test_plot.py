@@ -5,7 +5,7 @@ import sys
 from PIL import Image
 
 from gpt2 import mainlog
-from tests.conftest import REPO
+from tests.helpers import REPO
 from training.plot import model_size
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gpt2.mainlog import read
-from tests.test_train import final_weights, make_shards
+from tests.helpers import final_weights, make_shards
 from training.run import RAY_SNAPSHOT, main
 
 STEPS = 100

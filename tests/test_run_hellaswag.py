@@ -15,8 +15,8 @@ from evals.hellaswag_data import read_jsonl
 from evals.scoring import evaluate
 from gpt2.checkpoint import load_model
 from gpt2.mainlog import read
+from tests.helpers import make_shards
 from tests.test_hellaswag import hellaswag_records, write_jsonl
-from tests.test_train import make_shards
 from training.run import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.ray_head import RAY, ray_head
-from tests.test_train import make_shards
+from tests.helpers import make_shards
+from training.local_cluster import RAY, ray_head
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from pipelines.filters import DROP_REASONS, FilterConfig, drop_reasons
 from pipelines.tokenizer import EOT_TOKEN, R50K_SHA256, gpt2_encoding, tokenizer_identity
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_gpt2_encoding_matches_known_ids():

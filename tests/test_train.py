@@ -4,7 +4,6 @@ import math
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,36 +11,13 @@ import torch.multiprocessing as mp
 
 from gpt2.checkpoint import load_part
 from gpt2.model import GPT, GPTConfig
-from pipelines.shards import shard_name, write_shard
-from training.config import ConfigError, TrainConfig, build_parser, parse_args
+from tests.helpers import final_weights, make_shards, tiny_config
+from training.config import ConfigError, build_parser, parse_args
 from training.data import ShardLoader
 from training.metrics import flops_per_token, mfu, peak_flops
 from training.outliers import WINDOW, OutlierDetector
 from training.schedule import learning_rate
 from training.train import TrainHooks, main, train
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def make_shards(directory: Path, tokens_per_shard: int = 4000, shards: int = 3, seed: int = 0) -> Path:
-    """llm.c-named shards of random tokens: shard 0 is val, the rest train."""
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for index in range(shards):
-        write_shard(directory / shard_name("rand", index), rng.integers(0, 50257, tokens_per_shard))
-    return directory
-
-
-def tiny_config(data: Path, out: Path | None, **overrides) -> TrainConfig:
-    fields = {"train_data": str(data / "*_train_*.bin"), "val_data": str(data / "*_val_*.bin"),
-              "output_dir": str(out) if out else None, "model": "L2H2C64", "micro_batch": 2, "seq_len": 16,
-              "max_steps": 4, "val_every": 2, "val_batches": 2, "sample_every": 0, "learning_rate": 1e-3}
-    fields.update(overrides)
-    return TrainConfig(**fields)
-
-
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_part(max(out.glob("ckpt_*")), "model.pt")
 
 
 @pytest.fixture(scope="module")

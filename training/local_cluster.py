@@ -1,4 +1,5 @@
-"""A real `ray start --head` for tests: free ports, its own temp dir, beside any other cluster on this machine.
+"""A real multi-node Ray cluster on one machine, for the tests and the elastic benchmark: `ray start --head`
+and extra nodes on free ports with their own temp dir, beside any other cluster on this machine.
 
 `--block` keeps `ray start` in the foreground; terminating it stops this cluster alone, where `ray stop`
 would stop every cluster on the machine.
