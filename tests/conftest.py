@@ -6,6 +6,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# Every process the tests start (commands, `ray start` nodes and their workers) imports this checkout's code,
+# tests/helpers.py included (a Ray Train callback of the tests runs in Ray's controller).
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +21,6 @@ def ray_cluster():
     import ray
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    ray.init("local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    ray.init("local", num_cpus=4, include_dashboard=False)
     yield ray
     ray.shutdown()

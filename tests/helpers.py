@@ -5,19 +5,26 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from ray.train import UserCallback
 
 from gpt2.checkpoint import load_part
 from pipelines.shards import write_random_shards
 from training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
+HELLASWAG_WORDS = ("the man woman dog ball runs jumps kitchen slowly quickly then picks up puts down a an water bike "
+         "rope hair paint brush knife cuts onto floor table smiles talks camera shows").split()
 
 
 def make_shards(directory: Path, tokens_per_shard: int = 4000, shards: int = 3, seed: int = 0) -> Path:
@@ -69,3 +76,79 @@ def run_subprocess(script: str, argv: list[str], timeout: float = 300, **env: st
     done = subprocess.run([sys.executable, script, *argv], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=environment)
     return Done(done.returncode, done.stdout, done.stderr)
+
+
+def wait_for(condition: Callable[[], object], what: str, limit_s: float = 600) -> object:
+    """Wait for an event the product makes visible (a file, a record), checking every 20 ms; `limit_s` only
+    stops a hung run from hanging the suite, it is no guess at how fast this machine is."""
+    deadline = time.monotonic() + limit_s
+    while not (found := condition()):
+        assert time.monotonic() < deadline, f"gave up waiting for {what} after {limit_s:.0f} s"
+        time.sleep(0.02)
+    return found
+
+
+class ReportGate(UserCallback):
+    """A ray.train.UserCallback, run by Ray Train's controller, that holds a training run at its first report
+    (with `checkpoint=True`: its first report carrying a checkpoint, which Ray has registered by then) until
+    the test releases it. Ray Train's workers block at their next report until the controller takes it, so a
+    held run cannot finish, nor register another checkpoint, while the test kills what it kills. Files in
+    `directory` are the signals, so a run driven from another process is held the same way."""
+
+    def __init__(self, directory: Path, checkpoint: bool = True):
+        self.directory, self.checkpoint = Path(directory), checkpoint
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if self.reached() is not None or (self.checkpoint and checkpoint is None):
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        temporary = self.directory / "reached.partial"
+        temporary.write_text(Path(checkpoint.path).name if checkpoint else "")
+        temporary.rename(self.directory / "reached")
+        wait_for(lambda: (self.directory / "release").exists(), "the test to release the run")
+
+    def reached(self) -> str | None:
+        """The held report's checkpoint directory name ("" without one) once the run is held."""
+        path = self.directory / "reached"
+        return path.read_text() if path.exists() else None
+
+    def wait_until_held(self) -> str:
+        wait_for(lambda: self.reached() is not None, "the run to be held at its report")
+        return self.reached()
+
+    def release(self) -> None:
+        (self.directory / "release").touch()
+
+
+class HeldCPUs:
+    """An actor holding `cpus` of the connected cluster's CPUs until released: Ray tasks that need them wait,
+    so a test decides when they may run instead of guessing how long they take."""
+
+    def __init__(self, cpus: float):
+        import ray
+
+        @ray.remote(num_cpus=cpus)
+        class Holder:
+            def ready(self) -> bool:
+                return True
+
+        self.actor = Holder.remote()
+        ray.get(self.actor.ready.remote())  # placed: the CPUs are taken
+
+    def release(self) -> None:
+        import ray
+
+        ray.kill(self.actor)
+
+
+def hellaswag_records(count: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    sentence = lambda low, high: " ".join(rng.choice(HELLASWAG_WORDS, rng.integers(low, high)))  # noqa: E731
+    return [{"ind": i, "activity_label": "Synthetic", "ctx": sentence(3, 14).capitalize() + ".",
+             "endings": [sentence(1, 9) + "." for _ in range(4)], "label": int(rng.integers(0, 4)), "split": "val"}
+            for i in range(count)]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path

@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +23,9 @@ from gpt2.interop import ModelSourceError, export_hf, load_gpt, write_llmc
 from gpt2.mainlog import EvalLog
 from gpt2.model import GPT, GPTConfig
 from pipelines.tokenizer import gpt2_encoding
+from tests.helpers import HeldCPUs, hellaswag_records, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ("the man woman dog ball runs jumps kitchen slowly quickly then picks up puts down a an water bike "
-         "rope hair paint brush knife cuts onto floor table smiles talks camera shows").split()
-
 
 def random_model(seed: int = 0) -> GPT:
     """A tiny GPT whose biases are random too, so endings get clearly different losses."""
@@ -43,19 +40,6 @@ def random_model(seed: int = 0) -> GPT:
 def save_model(model: GPT, out: Path, step: int = 1) -> Path:
     parts = {"model.pt": model.state_dict(), "optimizer.pt": {}, "rng.pt": {}}
     return save_checkpoint(out, step, parts, {"model_config": model.config.to_dict()})
-
-
-def hellaswag_records(count: int, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    sentence = lambda low, high: " ".join(rng.choice(WORDS, rng.integers(low, high)))  # noqa: E731
-    return [{"ind": i, "activity_label": "Synthetic", "ctx": sentence(3, 14).capitalize() + ".",
-             "endings": [sentence(1, 9) + "." for _ in range(4)], "label": int(rng.integers(0, 4)), "split": "val"}
-            for i in range(count)]
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(record) + "\n" for record in records))
-    return path
 
 
 def write_eval_bin(path: Path, examples: list[Example]) -> Path:
@@ -232,41 +216,38 @@ def test_ray_result_is_identical_for_any_k(ray_cluster, model, checkpoint, data_
 
 def test_evals_run_while_a_training_loop_continues(ray_cluster, data_file, tmp_path):
     """A stand-in for training/run.py: a weights snapshot every 3 steps, one eval in flight at a time, the
-    loop polling once per step."""
+    loop polling once per step. The cluster's CPUs are held until step 12, so no eval task can even start
+    before then: submitting must not wait for the eval, and results come in at later steps."""
     model = random_model(seed=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = torch.randint(0, 50257, (4, 33), generator=torch.Generator().manual_seed(0))
     out = tmp_path / "run"
-    results, skipped = {}, {}
-    evals = ConcurrentEvals(prepare(data_file, tasks=2, batch_tokens=600), out / "main.log",
-                            report=lambda step, result, handle: results.update({step: (result, handle)}),
-                            on_skip=lambda step, reason: skipped.update({step: reason}))
-    step_times, submit_seconds, checkpoints = [], [], {}
+    collected_at, skipped = {}, {}
     step = 0
-    # Snapshots at steps 3..12; training goes on past 12 until an eval has come back (bounded), as a
-    # longer run would, so the test sees results collected mid-training.
-    while step < 12 or (not results and step < 2000):
+    evals = ConcurrentEvals(prepare(data_file, tasks=2, batch_tokens=600), out / "main.log",
+                            report=lambda at, result, handle: collected_at.update({at: (step, result)}),
+                            on_skip=lambda at, reason: skipped.update({at: reason}))
+    checkpoints = {}
+    held = HeldCPUs(ray_cluster.cluster_resources()["CPU"])
+    # Snapshots at steps 3..12; training goes on past 12 until an eval has come back, as a longer run would.
+    while step < 12 or not collected_at:
         step += 1
         loss = model(batch[:, :-1], batch[:, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        step_times.append(time.time())
         if step % 3 == 0 and step <= 12:
             checkpoints[step] = save_model(model, out, step)  # the reference below scores these
-            started = time.perf_counter()
             evals.submit(step, WeightsSnapshot.of(model, torch.float32))
-            submit_seconds.append(time.perf_counter() - started)
         evals.poll()
-    assert results, "no eval finished while training went on"
+        if step == 12:
+            assert not collected_at  # nothing could run: the loop went on while step 3's eval waited
+            held.release()
     evals.finish()
-    assert not evals.pending and max(submit_seconds) < 1.0  # submitting does not wait for the eval
-    assert 12 in results and sorted([*results, *skipped]) == [3, 6, 9, 12]
+    assert not evals.pending and 12 in collected_at and sorted([*collected_at, *skipped]) == [3, 6, 9, 12]
+    assert min(at for at, _ in collected_at.values()) > 12  # collected by a later poll, not by submit
     lines = (out / "main.log").read_text().splitlines()
-    assert [line.split()[0] for line in lines] == [f"s:{s}" for s in sorted(results)]
-    for step, (result, _) in results.items():  # each line is its own snapshot's result
-        expected = evaluate(load_gpt(checkpoints[step]), read_jsonl(data_file), batch_tokens=600)
-        assert result == expected and f"s:{step} eval:{expected['acc_norm']:.6f}" in lines
-    # Concurrency by timestamps: training steps completed while eval tasks were running.
-    spans = [span for _, handle in results.values() for span in handle.task_spans]
-    assert sum(any(start < t < end for start, end in spans) for t in step_times) >= 3
+    assert [line.split()[0] for line in lines] == [f"s:{s}" for s in sorted(collected_at)]
+    for at, (_, result) in collected_at.items():  # each line is its own snapshot's result
+        expected = evaluate(load_gpt(checkpoints[at]), read_jsonl(data_file), batch_tokens=600)
+        assert result == expected and f"s:{at} eval:{expected['acc_norm']:.6f}" in lines

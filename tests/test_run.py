@@ -7,7 +7,6 @@ import shutil
 import signal
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -15,19 +14,18 @@ import pytest
 import torch
 
 from gpt2.mainlog import read
-from tests.helpers import final_weights, make_shards
+from tests.helpers import ReportGate, final_weights, make_shards, wait_for
 from training.run import RAY_SNAPSHOT, main
 
 STEPS = 100
-# Tiny model, 2 workers x B=2 x T=32 (~70 ms a step here), a checkpoint every 20 steps: Ray registers one
-# within a health check (2 s) of its report, well before the run ends, so there is time to kill a worker.
+# Tiny model, 2 workers x B=2 x T=32, a checkpoint every 20 steps.
 FLAGS = ["--workers", "2", "--cpus-per-worker", "1", "-e", "L2H2C64", "-b", "2", "-t", "32", "-x", str(STEPS),
          "-v", "50", "-m", "2", "-s", "0", "-n", "20", "-l", "1e-3"]
 
 
-def run(data: Path, out: Path, *extra: str) -> int:
+def run(data: Path, out: Path, *extra: str, callbacks: list | None = None) -> int:
     return main(["-i", str(data / "*_train_*.bin"), "-j", str(data / "*_val_*.bin"), "-o", str(out),
-                 *FLAGS, *extra])
+                 *FLAGS, *extra], callbacks)
 
 
 @pytest.fixture(scope="module")
@@ -81,37 +79,23 @@ def _train_workers() -> list[psutil.Process]:
     return workers
 
 
-def _latest_registered(out: Path) -> str | None:
-    """The checkpoint directory Ray Train last registered for the run in `out`, if any yet."""
-    try:
-        snapshot = json.loads((out / RAY_SNAPSHOT).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or caught mid-write
-        return None
-    return (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-
-
 def test_killed_worker_resumes_from_the_checkpoint_and_ends_bitwise_equal(reference, data, tmp_path):
     out = tmp_path / "killed"
+    gate = ReportGate(tmp_path / "gate")  # holds the run once Ray has registered its first checkpoint
     killed: dict[str, object] = {}
 
-    def kill_after_first_registered_checkpoint() -> None:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            registered = _latest_registered(out)
-            workers = _train_workers()
-            if registered and len(workers) == 2:
-                # A later checkpoint may be on disk but not yet registered: the restart retrains through that one.
-                latest = out / registered
-                killed.update(latest=latest, inode=latest.stat().st_ino, finished=(out / f"ckpt_{STEPS:08d}").exists())
-                os.kill(workers[-1].pid, signal.SIGKILL)
-                return
-            time.sleep(0.05)
+    def kill_a_worker_while_held() -> None:
+        latest = out / gate.wait_until_held()
+        killed.update(latest=latest, inode=latest.stat().st_ino, finished=(out / f"ckpt_{STEPS:08d}").exists())
+        workers = wait_for(lambda: len(_train_workers()) == 2 and _train_workers(), "the 2 train workers")
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        gate.release()
 
-    killer = threading.Thread(target=kill_after_first_registered_checkpoint, daemon=True)
+    killer = threading.Thread(target=kill_a_worker_while_held, daemon=True)
     killer.start()
-    assert run(data, out) == 0
+    assert run(data, out, callbacks=[gate]) == 0
     killer.join()
-    assert killed and not killed["finished"], "the worker was not killed while the run was in progress"
+    assert killed and killed["latest"] == out / "ckpt_00000020" and not killed["finished"]
     # The restart resumed from the registered checkpoint rather than retraining through it.
     assert killed["latest"].stat().st_ino == killed["inode"]
     resumed, straight = final_weights(out), final_weights(reference)

@@ -621,7 +621,8 @@ def launch_run(args: argparse.Namespace, callbacks: list | None = None) -> None:
         raise
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
+    """The command line; `callbacks`: ray.train.UserCallback instances for launch_run."""
     from pipelines.cluster import connect, starts_local_cluster
 
     args = build_run_parser().parse_args(argv)
@@ -646,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.train import TrainingFailedError
 
     try:
-        launch_run(args)
+        launch_run(args, callbacks)
     except ConfigError as err:
         print(f"run.py: error: {err}", file=sys.stderr)
         return 2
