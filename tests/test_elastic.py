@@ -26,15 +26,15 @@ import torch
 
 from gpt2.checkpoint import load_part, read_state
 from gpt2.mainlog import read
-from tests.helpers import REPO, make_shards
+from tests.helpers import REPO, ReportGate, make_shards
 from training.config import ConfigError, TrainConfig
 from training.data import ShardLoader
 from training.elastic import check_group_sizes, uneven_split_note
 from training.local_cluster import alive_nodes, kill_tree, ray_head, ray_node
 from training.progress import Progress
-from training.run import RAY_SNAPSHOT, _max_failures, build_run_parser, main
+from training.run import _max_failures, build_run_parser, main
 
-STEPS, EVERY = 40, 5
+STEPS, EVERY = 20, 5
 # -d 256 = 4 micro-batches of -b 2 x -t 32: 4 micro-steps on one worker, 2 each on two, 2/1/1 on three.
 FLAGS = ["--cpus-per-worker", "1", "-e", "L2H2C64", "-b", "2", "-t", "32", "-d", "256", "-v", "0", "-m", "2",
          "-s", "0", "-n", str(EVERY), "-l", "1e-3", "-z", "1"]
@@ -224,16 +224,35 @@ def test_the_spot_watcher_finds_the_node_it_runs_on_and_exits_off_ec2_or_off_a_c
     assert first_line.startswith(f"spot watch: node {ray_cluster.get_runtime_context().get_node_id()}, "), first_line
 
 
-def run_while_reclaiming(out: Path, run_flags: list[str], steps: int, tmp_path_factory,
-                         notice: bool = False) -> subprocess.CompletedProcess:
-    """`run.py --workers 2 --min-workers 1` on two nodes of one CPU; once Ray has registered a checkpoint the
-    second node's process tree is SIGKILLed (no drain, as when a spot instance is reclaimed). With `notice`,
-    once training has begun, EC2's spot notice appears in the node's instance metadata: the node's
-    `training.spot_watch` drains it for preemption with the notice's deadline."""
-    # Ray notices a dead node after `health_check_failure_threshold` missed checks of `health_check_period_ms`.
+# run.py as a user runs it against the two-node cluster, with the tests' report gates passed to launch_run:
+# argv[1] is a JSON list of [gate directory, whether it waits for a checkpoint].
+GATED_RUN = """
+import json, sys
+from tests.helpers import ReportGate
+from training.run import main
+sys.exit(main(sys.argv[2:], callbacks=[ReportGate(path, checkpoint) for path, checkpoint in json.loads(sys.argv[1])]))
+"""
+
+
+@pytest.fixture(scope="module")
+def two_node_head(tmp_path_factory):
+    """A head of one CPU that notices a dead node within ~2 s (`health_check_failure_threshold` missed checks
+    of `health_check_period_ms`); each test adds the second node it reclaims."""
     fast_detection = {"health_check_period_ms": 1000, "health_check_failure_threshold": 2}
-    with ray_head(tmp_path_factory.mktemp("ray"), num_cpus=1, system_config=fast_detection) as head, \
-            ray_node(head, num_cpus=1) as node, spot_metadata() as (metadata_url, metadata):
+    with ray_head(tmp_path_factory.mktemp("ray"), num_cpus=1, system_config=fast_detection) as head:
+        yield head
+
+
+def run_while_reclaiming(head, out: Path, run_flags: list[str], steps: int, tmp_path: Path,
+                         notice: bool = False) -> subprocess.CompletedProcess:
+    """`run.py --workers 2 --min-workers 1` on the head and a second node of one CPU each. The run is held at
+    its first registered checkpoint while the second node's process tree is SIGKILLed (no drain, as when a
+    spot instance is reclaimed), then let go. With `notice`, the run is first held at its first report while
+    EC2's spot notice appears in the node's instance metadata and the node's `training.spot_watch` drains it
+    for preemption with the notice's deadline: the run's checkpoint is then the one the notice asked for."""
+    at_first_report, at_checkpoint = ReportGate(tmp_path / "first_report", False), ReportGate(tmp_path / "ckpt")
+    gates = [at_first_report, at_checkpoint] if notice else [at_checkpoint]
+    with ray_node(head, num_cpus=1) as node, spot_metadata() as (metadata_url, metadata):
         second = next(n["node_id"] for n in alive_nodes(head) if not n["is_head_node"])
         reclaimed: dict[str, object] = {}
         # two nodes on one machine: the watcher is told which one it stands for
@@ -241,46 +260,44 @@ def run_while_reclaiming(out: Path, run_flags: list[str], steps: int, tmp_path_f
                              "--interval", "0.2", env=head.env) if notice else None
 
         def reclaim() -> None:
-            deadline = time.monotonic() + 300
-
-            def wait_for(path: Path, text: str) -> None:
-                while time.monotonic() < deadline and not (path.exists() and text in path.read_text()):
-                    time.sleep(0.05)
-
             if watcher:
-                wait_for(out / "main.log", " trl:")
+                at_first_report.wait_until_held()
                 post_spot_notice(metadata, seconds=60)
-                reclaimed["watcher"] = watcher.communicate(timeout=120)[0]
-            wait_for(out / RAY_SNAPSHOT, "ckpt_")
+                reclaimed["watcher"] = watcher.communicate(timeout=120)[0]  # it exits once it has drained
+                at_first_report.release()
+            reclaimed["checkpoint"] = at_checkpoint.wait_until_held()
             reclaimed["finished"] = (out / f"ckpt_{steps:08d}").exists()
             kill_tree(node.pid)
+            at_checkpoint.release()
 
         reclaimer = threading.Thread(target=reclaim, daemon=True)
         reclaimer.start()
-        run = subprocess.run([sys.executable, "training/run.py", "--address", head.gcs_address, "--workers", "2",
-                              "--min-workers", "1", *run_flags],
+        run = subprocess.run([sys.executable, "-c", GATED_RUN, json.dumps([[str(g.directory), g.checkpoint]
+                                                                            for g in gates]),
+                              "--address", head.gcs_address, "--workers", "2", "--min-workers", "1", *run_flags],
                              cwd=REPO, env={**head.env, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"},
                              capture_output=True, text=True, timeout=600)
         reclaimer.join()
-        if watcher and watcher.poll() is None:  # the run ended before the notice
+        if watcher and watcher.poll() is None:
             watcher.kill()
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     if watcher:
         assert watcher.returncode == 0 and re.search(r"EC2 will terminate this instance in \d+ s; draining "
                                                      f"node {second}", reclaimed.pop("watcher")), reclaimed
-    assert reclaimed == {"finished": False}, "the node was not reclaimed while the run was in progress"
+    assert reclaimed.pop("finished") is False, "the node was not reclaimed while the run was in progress"
+    run.checkpoint = reclaimed.pop("checkpoint")
     return run
 
 
-def test_a_reclaimed_node_leaves_the_run_on_one_worker_with_the_same_result(reference, data, tmp_path,
-                                                                            tmp_path_factory):
+def test_a_reclaimed_node_leaves_the_run_on_one_worker_with_the_same_result(reference, data, two_node_head,
+                                                                            tmp_path):
     """Reclaimed without notice once Ray registered a -n checkpoint: the run finishes on one worker."""
     out = tmp_path / "elastic"
-    run = run_while_reclaiming(out, [*flags(data, out), "-x", str(STEPS)], STEPS, tmp_path_factory)
+    run = run_while_reclaiming(two_node_head, out, [*flags(data, out), "-x", str(STEPS)], STEPS, tmp_path)
     resize = re.search(r"resize: 2 -> 1 workers at step (\d+) \(rank \d failed: (.*)\); (\d+) step\(s\)", run.stdout)
     assert resize, run.stdout[-3000:]
     resumed_at = int(resize[1])
-    assert (out / f"ckpt_{resumed_at:08d}").exists() and resumed_at % EVERY == 0
+    assert run.checkpoint == f"ckpt_{EVERY:08d}" and resumed_at == EVERY  # the checkpoint Ray had registered
     log = (out / "main.log").read_text().splitlines()
     assert [int(line.split()[0][2:]) for line in log if " trl:" in line] == list(range(STEPS))  # no gap, no repeat
     assert f"s:{resumed_at} workers:1" in log
@@ -290,22 +307,25 @@ def test_a_reclaimed_node_leaves_the_run_on_one_worker_with_the_same_result(refe
     assert_same_losses(out, reference)
 
 
-def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_there(ray_cluster, data, tmp_path,
-                                                                                 tmp_path_factory):
+def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_there(ray_cluster, data, two_node_head,
+                                                                                 tmp_path):
     """As the reclaim above, but EC2's spot notice first reaches the second node, whose spot watcher drains
     it for preemption with a deadline, and the node is SIGKILLed once the run has reacted. No -n
     checkpoints: without the just-in-time one the restart would begin again at step 0."""
-    steps = 30
+    steps = 20
+    # A model whose steps take ~0.5 s here: after the drain the run goes on long enough for Ray Train's
+    # preemption watcher (polling every 0.5 s) to see it. Later flags win over FLAGS.
     slower = ["-e", "L4H4C128", "-b", "4", "-t", "64", "-d", "1024", "-n", "0", "-x", str(steps),
-              "--report-interval", "0.5"]  # ~0.5 s a step here; later flags win over FLAGS
+              "--report-interval", "0.5"]
     reference, out = tmp_path / "reference", tmp_path / "preempted"
     assert main([*flags(data, reference), *slower, "--workers", "2"]) == 0
-    run = run_while_reclaiming(out, [*flags(data, out), *slower], steps, tmp_path_factory, notice=True)
+    run = run_while_reclaiming(two_node_head, out, [*flags(data, out), *slower], steps, tmp_path, notice=True)
     notice = re.search(r"preemption notice: rank\(s\) \d on a node being drained, reclaimed in \d+ s; "
                        r"checkpointing at step (\d+)", run.stdout)
     resize = re.search(r"resize: 2 -> 1 workers at step (\d+)", run.stdout)
     assert notice and resize, "\n".join(line for line in run.stdout.splitlines() if "step " not in line)[-6000:]
     assert 0 < int(notice[1]) == int(resize[1]) < steps  # resumed from the just-in-time checkpoint
+    assert run.checkpoint == f"ckpt_{int(notice[1]):08d}"
     log = (out / "main.log").read_text().splitlines()
     assert [int(line.split()[0][2:]) for line in log if " trl:" in line] == list(range(steps))
     assert_same_training(out, reference, steps)
