@@ -5,7 +5,7 @@ import sys
 from PIL import Image
 
 from gpt2 import mainlog
-from tests.helpers import REPO
+from tests.helpers import REPO, run_cli
 from training.plot import model_size
 
 
@@ -32,13 +32,30 @@ def test_main_log_parsing_and_model_size(tmp_path):
     assert model_size(tmp_path / "tiny", None) is None
 
 
-def test_cli_writes_a_png(tmp_path):
+# Colours as matplotlib draws them: the first and second curve of an axis, and the reference lines.
+FIRST_CURVE, SECOND_CURVE, GPT2_LINE, GPT3_LINE = (31, 119, 180), (255, 127, 14), (255, 0, 0), (0, 128, 0)
+
+
+def colours_per_panel(png) -> tuple[set, set]:
+    """The colours drawn in the left (loss) and right (HellaSwag) half of the figure."""
+    with Image.open(png) as image:
+        rgb = image.convert("RGB")
+        width, height = rgb.size
+        halves = (rgb.crop((0, 0, width // 2, height)), rgb.crop((width // 2, 0, width, height)))
+        return tuple({colour for _, colour in half.getcolors(width * height)} for half in halves)
+
+
+def test_cli_draws_both_panels_with_the_reference_lines_of_the_runs_size(tmp_path):
     write_run(tmp_path / "run")
-    result = subprocess.run([sys.executable, "training/plot.py", str(tmp_path / "run")], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = run_cli("training/plot.py", [str(tmp_path / "run")])
     assert result.returncode == 0, result.stderr
-    with Image.open(tmp_path / "run" / "main.png") as image:
-        assert image.size[0] > 1000 and image.size[1] > 400
+    loss, hellaswag = colours_per_panel(tmp_path / "run" / "main.png")
+    assert {FIRST_CURVE, SECOND_CURVE, GPT2_LINE} <= loss and GPT3_LINE not in loss  # train, val, GPT-2 124M
+    assert {FIRST_CURVE, GPT2_LINE, GPT3_LINE} <= hellaswag and SECOND_CURVE not in hellaswag
+    write_run(tmp_path / "tiny", n_layer=2, n_embd=64)  # not one of GPT-2's sizes: no reference lines
+    assert run_cli("training/plot.py", [str(tmp_path / "tiny")]).returncode == 0
+    loss, hellaswag = colours_per_panel(tmp_path / "tiny" / "main.png")
+    assert FIRST_CURVE in loss and FIRST_CURVE in hellaswag and not {GPT2_LINE, GPT3_LINE} & (loss | hellaswag)
     missing = subprocess.run([sys.executable, "training/plot.py", str(tmp_path / "nope")], cwd=REPO,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "main.log" in missing.stderr
