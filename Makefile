@@ -27,5 +27,6 @@ demo: install
 lint:
 	$(PYTHON) -m ruff check .
 
+# The slowest tests' durations close the output, so a slow test is seen when it lands.
 test: install system-deps lint
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=20

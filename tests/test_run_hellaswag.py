@@ -20,7 +20,7 @@ from training.run import main
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "evals" / "data" / "hellaswag_smoke.jsonl"
-STEPS, EVERY = 60, 20
+STEPS, EVERY = 40, 20
 
 
 def run(data: Path, out: Path, *extra: str) -> int:
@@ -70,8 +70,9 @@ def test_evals_ran_in_ray_tasks_while_training_went_on(run_dir):
 
 
 def test_a_resumed_run_scores_again_the_eval_lost_with_the_run_that_stopped(run_dir, data, tmp_path):
-    """As if the run had stopped while step 60's eval ran in Ray tasks, after training on to step 70 (and
-    evaluating it): its record and main.log line never written, step 70's written."""
+    """As if the run had stopped while its last step's eval ran in Ray tasks, after training on 10 more
+    steps (and evaluating them): the lost eval's record and main.log line never written, the later one's
+    written."""
     out = tmp_path / "lost"
     shutil.copytree(run_dir, out)  # Ray Train's snapshot names checkpoints relative to the run directory
     lost = next(r for r in records(run_dir) if r["step"] == STEPS)
@@ -81,7 +82,7 @@ def test_a_resumed_run_scores_again_the_eval_lost_with_the_run_that_stopped(run_
     (out / "main.log").write_text(log)
     assert run(data, out, "-y", "1", "-x", str(STEPS + EVERY), "-v", str(EVERY), "--hellaswag-file", str(SMOKE)) == 0
     steps = [r["step"] for r in records(out)]
-    assert sorted(steps) == list(range(EVERY, STEPS + EVERY + 1, EVERY))  # each once, step 70's gone
+    assert sorted(steps) == list(range(EVERY, STEPS + EVERY + 1, EVERY))  # each once, the later step's gone
     rescored = next(r for r in records(out) if r["step"] == STEPS)
     assert {k: rescored[k] for k in ("num_correct", "num_correct_norm", "num_total")} == {
         k: lost[k] for k in ("num_correct", "num_correct_norm", "num_total")}
