@@ -26,13 +26,14 @@ import torch
 
 from gpt2.checkpoint import load_part, read_state
 from gpt2.mainlog import read
+from gpt2.rundir import RAY_SNAPSHOT
 from tests.helpers import REPO, make_shards
 from training.config import ConfigError, TrainConfig
 from training.data import ShardLoader
 from training.elastic import check_group_sizes, uneven_split_note
 from training.local_cluster import alive_nodes, kill_tree, ray_head, ray_node
 from training.progress import Progress
-from training.run import RAY_SNAPSHOT, _max_failures, build_run_parser, main
+from training.run import _max_failures, build_run_parser, main
 
 STEPS, EVERY = 40, 5
 # -d 256 = 4 micro-batches of -b 2 x -t 32: 4 micro-steps on one worker, 2 each on two, 2/1/1 on three.

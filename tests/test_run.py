@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from gpt2.mainlog import read
+from gpt2.rundir import RAY_SNAPSHOT
 from tests.helpers import final_weights, make_shards
-from training.run import RAY_SNAPSHOT, main
+from training.run import main
 
 STEPS = 100
 # Tiny model, 2 workers x B=2 x T=32 (~70 ms a step here), a checkpoint every 20 steps: Ray registers one
