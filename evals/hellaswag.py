@@ -22,11 +22,15 @@ if __name__ == "__main__":  # run as a script: import the repo's packages, not m
 
 
 from evals.hellaswag_data import CANONICAL_URL, HellaSwagFormatError, check_fits, default_data_dir, load_examples
-from evals.parallel import DEFAULT_CPUS_PER_TASK, DEFAULT_TASKS, launch, prepare
+from evals.parallel import DEFAULT_CPUS_PER_TASK, DEFAULT_TASKS, gpus_short, launch, prepare
 from evals.scoring import evaluate
 from gpt2.interop import ModelSourceError, block_size_of, load_gpt, resolve_model_source
 from gpt2.model import pick_device
 from pipelines import cli
+
+
+class ClusterTooSmall(ValueError):
+    """A resource request no node of a cluster that cannot grow will ever satisfy; the message names the flag."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,9 +63,16 @@ def run(args: argparse.Namespace) -> dict[str, float | int]:
     if args.tasks == 0:
         result = evaluate(load_gpt(checkpoint, pick_device(args.device)), examples, args.batch_tokens)
     else:
-        from pipelines.cluster import connect
+        from pipelines.cluster import connect, starts_local_cluster
 
+        fixed_size = starts_local_cluster(args.address)  # no autoscaler can add the nodes it lacks
         connect(args.address)
+        if (most := gpus_short(args.gpus_per_task)) is not None:
+            message = (f"--gpus-per-task {args.gpus_per_task:g}: no node of the cluster has that many GPUs (the most "
+                       f"is {most:g})")
+            if fixed_size:
+                raise ClusterTooSmall(f"{message}; lower it, or join a cluster with GPU nodes (--address)")
+            print(f"note: {message}; the tasks wait until the autoscaler adds a GPU node", flush=True)
         eval_set = prepare(examples, args.tasks, args.batch_tokens, gpu=args.gpus_per_task > 0)
         started = time.perf_counter()  # scoring only: the cluster start and data upload are not the eval
         handle = launch(checkpoint, eval_set, num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task)
@@ -85,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, float | int]:
         parser.error(str(err))
     try:
         result = run(args)
-    except (HellaSwagFormatError, ModelSourceError, ConnectionError) as err:  # ConnectionError: --address
+    except (HellaSwagFormatError, ModelSourceError, ConnectionError, ClusterTooSmall) as err:
         print(f"hellaswag.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
     print(f"HellaSwag {result['num_total']} examples | acc {result['acc']:.4f} ({result['num_correct']}) | "

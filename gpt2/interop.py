@@ -179,8 +179,8 @@ def resolve_model_source(path: str | os.PathLike) -> Path:
         return path
     if checkpoints := list_checkpoints(path):
         return checkpoints[-1]
-    raise ModelSourceError(f"{path}: not a checkpoint directory (state.json), a run directory holding ckpt_* "
-                           "checkpoints, a Hugging Face GPT-2 directory (config.json) or an llm.c model .bin")
+    raise ModelSourceError(f"{path}: not a checkpoint directory ({CHECKPOINT_STATE}), a run directory holding "
+                           f"checkpoints, a Hugging Face GPT-2 directory ({HF_CONFIG}) or an llm.c model .bin")
 
 
 def block_size_of(path: Path) -> int:

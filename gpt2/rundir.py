@@ -179,6 +179,8 @@ class RunDir:
         if not self.locked and (holder := self.holder()):
             raise self._fail(f"in use by a live run (pid {holder.get('pid')} on {holder.get('host')}, started "
                              f"{holder.get('started')}); wait for it, or if it is dead delete {self.path(LOCK)}")
+        if CHECKPOINT_STATE in self._entries():
+            raise self._fail("is a checkpoint directory; give the run directory that holds it (or a new one)")
         if resume:
             return
         held = self.earlier_run()

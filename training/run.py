@@ -48,6 +48,7 @@ if __name__ == "__main__":  # run as a script: make the repo root importable, th
 import torch
 
 from evals.hellaswag_data import HellaSwagFormatError, check_fits, load_examples
+from evals.parallel import gpus_short
 from gpt2.checkpoint import CheckpointError, read_state
 from gpt2.interop import LlmcFormatError
 from gpt2.rundir import CHECKPOINT_STATE, RUN_LOGS, SUMMARY, RunDir, RunDirError, make_staging
@@ -543,12 +544,7 @@ def _check_capacity(workers: int, flag: str, use_gpu: bool, cpus: float, fixed_s
 
 def _check_eval_gpus(settings: HellaSwagSettings, fixed_size: bool) -> None:
     """Eval tasks asking for more GPUs than any node has would wait forever, after the training has finished."""
-    import ray
-
-    if settings.placement != "tasks" or settings.gpus_per_task <= 0:
-        return
-    most = max((node["Resources"].get("GPU", 0.0) for node in ray.nodes() if node["Alive"]), default=0.0)
-    if most >= settings.gpus_per_task:
+    if settings.placement != "tasks" or (most := gpus_short(settings.gpus_per_task)) is None:
         return
     message = (f"--eval-gpus-per-task {settings.gpus_per_task:g}: no node of the cluster has that many GPUs "
                f"(the most is {most:g})")
