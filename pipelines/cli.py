@@ -27,7 +27,8 @@ def output_problem(flag: str, path: str | os.PathLike, overwrite: bool, director
     for source in map(Path, reads):
         source = source.resolve()
         if target == source or source in target.parents or (directory and target in source.parents):
-            return f"{flag} {path}: inside {source}, which this command reads; write somewhere else"
+            where = "is" if target == source else "inside"
+            return f"{flag} {path}: {where} {source}, which this command reads; write somewhere else"
     if target.exists():
         if directory != target.is_dir():
             return f"{flag} {path}: " + ("exists and is not a directory" if directory else

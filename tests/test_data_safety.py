@@ -296,6 +296,21 @@ def test_staging_is_private_and_unique():
         second.rmdir()
 
 
+def test_a_url_run_never_resumes_from_a_checkpoint_planted_in_the_old_staging_path(earlier, tmp_path):
+    """9: run.py -o file://EMPTY/r15 -y 1 resumed from $TMPDIR/raygpt2/r15/ckpt_00000015, planted there."""
+    tmp = tmp_path / "tmp"
+    planted = tmp / "raygpt2" / "r15" / checkpoint_name(15)
+    shutil.copytree(_checkpoint(earlier), planted)
+    before = _tree(tmp)
+    out = tmp_path / "empty" / "r15"
+    done = run_subprocess("training/run.py", [*_engine(earlier, "-y", "1", "-x", "2", "--workers", "1",
+                                                       out=f"file://{out}")], TMPDIR=str(tmp), RAY_TMPDIR="/tmp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" not in done.stdout
+    assert read_state(out / checkpoint_name(2))["step"] == 2 and (out / "main.log").read_text().startswith("s:0 ")
+    assert _tree(tmp) == before  # the planted directory untouched, and this run's staging removed
+
+
 # ---- 12: an empty XDG_CACHE_HOME means unset -------------------------------------------------------------------
 def test_an_empty_xdg_cache_home_does_not_cache_into_the_working_directory(earlier, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", "")
