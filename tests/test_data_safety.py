@@ -27,7 +27,7 @@ import torch
 
 from gpt2.checkpoint import CheckpointError, read_state
 from gpt2.model import GPT, GPTConfig
-from gpt2.rundir import LOCK, MODEL_PART, RAY_SNAPSHOT, RunDir, checkpoint_name, make_staging
+from gpt2.rundir import LOCK, MODEL_PART, RAY_SNAPSHOT, STAGING_PREFIX, RunDir, checkpoint_name, make_staging
 from tests.helpers import REPO, make_shards, run_cli, run_subprocess, tiny_config
 from training.train import TrainHooks, train
 
@@ -301,14 +301,15 @@ def test_a_url_run_never_resumes_from_a_checkpoint_planted_in_the_old_staging_pa
     tmp = tmp_path / "tmp"
     planted = tmp / "raygpt2" / "r15" / checkpoint_name(15)
     shutil.copytree(_checkpoint(earlier), planted)
-    before = _tree(tmp)
+    before = _tree(tmp / "raygpt2")
     out = tmp_path / "empty" / "r15"
     done = run_subprocess("training/run.py", [*_engine(earlier, "-y", "1", "-x", "2", "--workers", "1",
                                                        out=f"file://{out}")], TMPDIR=str(tmp), RAY_TMPDIR="/tmp")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" not in done.stdout
     assert read_state(out / checkpoint_name(2))["step"] == 2 and (out / "main.log").read_text().startswith("s:0 ")
-    assert _tree(tmp) == before  # the planted directory untouched, and this run's staging removed
+    assert _tree(tmp / "raygpt2") == before  # the planted directory untouched
+    assert list(tmp.glob(f"{STAGING_PREFIX}*")) == []  # and this run's staging removed
 
 
 # ---- 12: an empty XDG_CACHE_HOME means unset -------------------------------------------------------------------
