@@ -11,9 +11,11 @@ up (NCCL on GPU, gloo on CPU), so data sharding, DDP, ZeRO-1 and checkpoint cont
 `-o DIR` is the Ray Train run directory: RunConfig(storage_path=parent of DIR, name=basename of DIR), so
 Ray's bookkeeping sits next to the engine's `ckpt_XXXXXXXX/` and `main.log`. A local DIR (shared storage
 on a multi-node cluster) is written in place by rank 0 and registered with Ray without a copy; a cloud URI
-gets each checkpoint (and main.log) uploaded from a local staging directory. A failed worker makes Ray
-restart the group from the latest registered checkpoint (`--max-failures`); errors that a restart cannot
-fix (NaN loss, bad data, OOM, bad checkpoint) stop the run with one line naming the rank and step.
+gets each checkpoint (and main.log) uploaded from a staging directory private to the run. gpt2/rundir.py
+owns the directory's layout, its checks (used -o, --overwrite) and the lock the driver holds while it runs.
+A failed worker makes Ray restart the group from the latest registered checkpoint (`--max-failures`); errors
+that a restart cannot fix (NaN loss, bad data, OOM, bad checkpoint) stop the run with one line naming the
+rank and step.
 
 `--workers MAX --min-workers MIN` makes the group elastic (spot capacity): Ray Train runs it at any size in
 between that the cluster has room for and restarts it at a new size from the latest checkpoint when a node
@@ -653,7 +655,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
             shard_files(config.val_data, "-j")
     try:
         block_size = model_shape(config.model).block_size
-    except ValueError as err:  # a bad -e descriptor; an unreadable llm.c file is an LlmcFormatError
+    except ValueError as err:  # a bad -e descriptor, or an llm.c file that is not one
         raise ConfigError(f"-e {config.model}: {err}") from err
     if args.hellaswag:  # a file that does not fit would fail in every restarted worker
         check_fits(load_examples(args.hellaswag_file), block_size, args.hellaswag_file or "HellaSwag")

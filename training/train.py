@@ -248,7 +248,7 @@ class _Run:
         try:
             self.optimizer.load_state_dict(load_part(path, OPTIMIZER_PART))
         except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{path / 'optimizer.pt'}: does not fit this model's optimizer ({err})") from err
+            raise CheckpointError(f"{path / OPTIMIZER_PART}: does not fit this model's optimizer ({err})") from err
         rng = load_part(path, RNG_PART)
         torch.set_rng_state(rng["torch"])
         if self.device.type == "cuda" and rng.get("cuda"):
