@@ -197,7 +197,9 @@ class ConcurrentEvals:
             self.running = None
             self._skip(step, "cancelled at the end of the run in favour of the last step's eval")
         self._start_waiting()
-        if self.running:
+        if self.running:  # the one wait with nothing else to do: say what for, in case Ray cannot place the tasks
+            print(f"hellaswag: waiting for step {self.running[0]}'s eval (tasks of {self.num_cpus:g} CPU, "
+                  f"{self.num_gpus:g} GPU)", flush=True)
             self._collect(timeout=None)
 
     @property
