@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from gpt2 import mainlog
+from gpt2.rundir import HELLASWAG_RECORDS, MAIN_LOG, PLOT, SUMMARY
 
 REPO = Path(__file__).resolve().parent
 SMOKE_HELLASWAG = REPO / "evals" / "data" / "hellaswag_smoke.jsonl"
@@ -56,21 +57,21 @@ def run_demo(out: Path, steps: int, model: str, every: int) -> dict:
            [python, "training/sample.py", str(train_dir), "-g", "48", "--num-samples", "2",
             "--prompt", "The function returns"])
     _stage("4/4 plot main.log", [python, "training/plot.py", str(train_dir)])
-    summary = json.loads((train_dir / "summary.json").read_text())
-    val = mainlog.read(train_dir / "main.log")["tel"]
+    summary = json.loads((train_dir / SUMMARY).read_text())
+    val = mainlog.read(train_dir / MAIN_LOG)["tel"]
     print(f"\n=== demo summary ({time.time() - started:.0f} s, everything under {out})")
     print(f"shards      : {shards}")
     print(f"val loss    : {val[0][1]:.4f} at step {val[0][0]} -> {val[-1][1]:.4f} at step {val[-1][0]}")
     print(f"train loss  : {summary['train_loss']:.4f} after {summary['steps']} steps, "
           f"{summary['tokens_seen']:,} tokens, {summary['workers']} workers on {summary['device']}")
-    for line in (train_dir / "hellaswag.jsonl").read_text().splitlines():
+    for line in (train_dir / HELLASWAG_RECORDS).read_text().splitlines():
         record = json.loads(line)
         print(f"hellaswag   : step {record['step']}: acc_norm {record['acc_norm']:.4f} acc {record['acc']:.4f} "
               f"({record['num_total']} smoke-sample examples, {record['mode']})")
     cost = summary["estimated_cost_usd"]
     print(f"training    : {summary['elapsed_s']:.0f} s, est. cost {'n/a on CPU' if cost is None else f'${cost:.2f}'}")
-    print(f"plot        : {train_dir / 'main.png'}")
-    print(f"summary     : {train_dir / 'summary.json'}")
+    print(f"plot        : {train_dir / PLOT}")
+    print(f"summary     : {train_dir / SUMMARY}")
     return summary
 
 

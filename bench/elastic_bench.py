@@ -37,6 +37,7 @@ import torch
 
 from gpt2.checkpoint import save_checkpoint
 from gpt2.model import GPT, GPTConfig
+from gpt2.rundir import MAIN_LOG, MODEL_PART, OPTIMIZER_PART, RNG_PART
 from pipelines.shards import write_random_shards
 from training.config import TrainConfig
 from training.local_cluster import kill_tree, ray_head, ray_node
@@ -118,7 +119,7 @@ def checkpoint_seconds(directory: Path) -> float:
     optimizer = make_optimizer(model, TrainConfig(), torch.device("cpu"), sharded=False)
     model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long)).backward()
     optimizer.step()  # Adam state exists, as in a real checkpoint
-    parts = {"model.pt": model.state_dict(), "optimizer.pt": optimizer.state_dict(), "rng.pt": {}}
+    parts = {MODEL_PART: model.state_dict(), OPTIMIZER_PART: optimizer.state_dict(), RNG_PART: {}}
     started = time.perf_counter()
     save_checkpoint(directory, 1, parts, {})
     return time.perf_counter() - started
@@ -146,7 +147,7 @@ def main() -> None:
                "--resize-interval", str(args.resize_interval), "-i", str(data / "*_train_*.bin"), "-j", "",
                "-o", str(out), "-e", MODEL, "-b", str(BATCH), "-t", str(SEQ), "-d", str(2 * BATCH * SEQ),
                "-x", str(args.steps), "-s", "0", "-n", str(args.every), "-l", "2e-3"]
-    log = MainLogWatch(out / "main.log")
+    log = MainLogWatch(out / MAIN_LOG)
     (work / "ray").mkdir()
     with ray_head(work / "ray", num_cpus=1) as head, ExitStack() as stack:
         node = stack.enter_context(ray_node(head, num_cpus=1))

@@ -31,6 +31,7 @@ from evals.scoring import default_batch_tokens, evaluate, forward_flops, plan_ba
 from gpt2.checkpoint import save_checkpoint
 from gpt2.interop import load_gpt
 from gpt2.model import GPT, GPTConfig, autocast_for
+from gpt2.rundir import MODEL_PART, OPTIMIZER_PART, RNG_PART
 from training.metrics import peak_flops
 from training.run_hellaswag import EVAL_EFFICIENCY, HellaSwagSettings, cpu_flops_per_second, predicted_seconds
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model {args.model} ({model.num_parameters() / 1e6:.1f}M params), {len(examples)} examples, "
           f"torch threads {torch.get_num_threads()}, device {device}")
     with tempfile.TemporaryDirectory() as tmp:
-        parts = {"model.pt": model.state_dict(), "optimizer.pt": {}, "rng.pt": {}}
+        parts = {MODEL_PART: model.state_dict(), OPTIMIZER_PART: {}, RNG_PART: {}}
         checkpoint = save_checkpoint(tmp, 0, parts, {"model_config": model.config.to_dict()})
 
         model.to(device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -20,12 +21,16 @@ if __name__ == "__main__":  # run as a script: import the repo's packages, not m
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 
-from evals.hellaswag_data import CANONICAL_URL, DEFAULT_DATA_DIR, HellaSwagFormatError, load_examples
-from evals.parallel import DEFAULT_CPUS_PER_TASK, DEFAULT_TASKS, launch, prepare
+from evals.hellaswag_data import CANONICAL_URL, HellaSwagFormatError, check_fits, default_data_dir, load_examples
+from evals.parallel import DEFAULT_CPUS_PER_TASK, DEFAULT_TASKS, gpus_short, launch, prepare
 from evals.scoring import evaluate
-from gpt2.interop import ModelSourceError, load_gpt, resolve_model_source
+from gpt2.interop import ModelSourceError, block_size_of, load_gpt, resolve_model_source
 from gpt2.model import pick_device
 from pipelines import cli
+
+
+class ClusterTooSmall(ValueError):
+    """A resource request no node of a cluster that cannot grow will ever satisfy; the message names the flag."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True,
                         help="ckpt_XXXXXXXX dir, run dir (its latest checkpoint), HF GPT-2 dir or llm.c model .bin")
     parser.add_argument("--file", help="HellaSwag jsonl or llm.c eval .bin (magic 20240522) instead of the download")
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="cache for the downloaded validation set")
+    parser.add_argument("--data-dir", default=str(default_data_dir()),
+                        help="cache for the downloaded validation set (default: $XDG_CACHE_HOME or ~/.cache, "
+                             "then raygpt2/hellaswag)")
     parser.add_argument("--url", default=CANONICAL_URL, help="where to download the validation jsonl from")
     parser.add_argument("--tasks", type=int, default=DEFAULT_TASKS, help="Ray tasks to split over; 0 = this process")
     parser.add_argument("--cpus-per-task", type=float, default=DEFAULT_CPUS_PER_TASK, help="Ray num_cpus per task")
@@ -51,13 +58,21 @@ def run(args: argparse.Namespace) -> dict[str, float | int]:
     except ModelSourceError as err:
         raise ModelSourceError(f"--checkpoint {err}") from err
     examples = load_examples(args.file, args.data_dir, args.url)
+    check_fits(examples, block_size_of(checkpoint), args.file or args.url)  # before any cluster starts
     started = time.perf_counter()
     if args.tasks == 0:
         result = evaluate(load_gpt(checkpoint, pick_device(args.device)), examples, args.batch_tokens)
     else:
-        from pipelines.cluster import connect
+        from pipelines.cluster import connect, starts_local_cluster
 
+        fixed_size = starts_local_cluster(args.address)  # no autoscaler can add the nodes it lacks
         connect(args.address)
+        if (most := gpus_short(args.gpus_per_task)) is not None:
+            message = (f"--gpus-per-task {args.gpus_per_task:g}: no node of the cluster has that many GPUs (the most "
+                       f"is {most:g})")
+            if fixed_size:
+                raise ClusterTooSmall(f"{message}; lower it, or join a cluster with GPU nodes (--address)")
+            print(f"note: {message}; the tasks wait until the autoscaler adds a GPU node", flush=True)
         eval_set = prepare(examples, args.tasks, args.batch_tokens, gpu=args.gpus_per_task > 0)
         started = time.perf_counter()  # scoring only: the cluster start and data upload are not the eval
         handle = launch(checkpoint, eval_set, num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task)
@@ -72,15 +87,16 @@ def main(argv: list[str] | None = None) -> dict[str, float | int]:
         parser.error(f"--tasks must be 0 (this process) or more, got {args.tasks}")
     if args.batch_tokens is not None and args.batch_tokens < 1:
         parser.error(f"--batch-tokens must be positive, got {args.batch_tokens}")
-    if not (args.cpus_per_task >= 0 and args.gpus_per_task >= 0):
-        parser.error("--cpus-per-task and --gpus-per-task must not be negative")
+    for flag, value in (("--cpus-per-task", args.cpus_per_task), ("--gpus-per-task", args.gpus_per_task)):
+        if not (math.isfinite(value) and value >= 0):
+            parser.error(f"{flag} must be a finite number >= 0, got {value}")
     try:
         pick_device(args.device)
     except ValueError as err:
         parser.error(str(err))
     try:
         result = run(args)
-    except (HellaSwagFormatError, ModelSourceError, ConnectionError) as err:  # ConnectionError: --address
+    except (HellaSwagFormatError, ModelSourceError, ConnectionError, ClusterTooSmall) as err:
         print(f"hellaswag.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
     print(f"HellaSwag {result['num_total']} examples | acc {result['acc']:.4f} ({result['num_correct']}) | "

@@ -23,7 +23,6 @@ from pipelines.files import atomic_write
 from pipelines.tokenizer import gpt2_encoding
 
 CANONICAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-DEFAULT_DATA_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "raygpt2" / "hellaswag"
 CACHED_NAME = "hellaswag_val.jsonl"
 NUM_ENDINGS = 4
 EVAL_MAGIC = 20240522
@@ -36,6 +35,12 @@ class HellaSwagFormatError(ValueError):
     """Input that is not valid HellaSwag data; the message names the file and line or example."""
 
 
+def default_data_dir() -> Path:
+    """Where the downloaded validation set is cached: $XDG_CACHE_HOME/raygpt2/hellaswag, an empty
+    XDG_CACHE_HOME counting as unset (as the XDG spec says), else ~/.cache/raygpt2/hellaswag."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "raygpt2" / "hellaswag"
+
+
 @dataclass(frozen=True)
 class Example:
     """One rendered example: `index` is its position in the source, `label` the correct ending."""
@@ -44,6 +49,15 @@ class Example:
     context: tuple[int, ...]
     endings: tuple[tuple[int, ...], ...]
     label: int
+
+
+def check_fits(examples: list[Example], block_size: int, source: str | os.PathLike) -> None:
+    """Refuse examples that a model of `block_size` positions cannot score: context + an ending longer than it."""
+    for example in examples:
+        longest = len(example.context) + max(len(ending) for ending in example.endings)
+        if longest > block_size:
+            raise HellaSwagFormatError(f"{source}: example {example.index}: context + ending is {longest} tokens, "
+                                       f"more than the model's block size {block_size}")
 
 
 def _check_record(record: object) -> str | None:
@@ -157,12 +171,12 @@ def is_eval_bin(path: Path) -> bool:
         return f.read(4) == np.array([EVAL_MAGIC], dtype="<i4").tobytes()
 
 
-def load_examples(file: str | os.PathLike | None = None, data_dir: str | os.PathLike = DEFAULT_DATA_DIR,
+def load_examples(file: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
                   url: str = CANONICAL_URL) -> list[Example]:
     """Examples from `file` (jsonl, or llm.c eval .bin by its magic) or else from the cached validation set
-    in `data_dir`, downloading it from `url` on first use."""
+    in `data_dir` (default: default_data_dir()), downloading it from `url` on first use."""
     if file is None:
-        path = Path(data_dir) / CACHED_NAME
+        path = Path(data_dir or default_data_dir()) / CACHED_NAME
         if not path.exists():
             download(url, path)
     else:

@@ -119,6 +119,15 @@ class EvalHandle:
             ray.cancel(ref)
 
 
+def gpus_short(gpus_per_task: float) -> float | None:
+    """The most GPUs a live node of the connected cluster has, when that is fewer than a task's `gpus_per_task`
+    (such a task waits until a node with them joins, forever on a cluster that cannot grow); None if one fits."""
+    import ray
+
+    most = max((node["Resources"].get("GPU", 0.0) for node in ray.nodes() if node["Alive"]), default=0.0)
+    return most if most < gpus_per_task else None
+
+
 def launch(source: ModelSource, examples: EvalSet | Sequence[Example] | str | os.PathLike,
            tasks: int = DEFAULT_TASKS, num_cpus: float = DEFAULT_CPUS_PER_TASK, num_gpus: float = 0.0,
            batch_tokens: int | None = None) -> EvalHandle:
@@ -188,7 +197,9 @@ class ConcurrentEvals:
             self.running = None
             self._skip(step, "cancelled at the end of the run in favour of the last step's eval")
         self._start_waiting()
-        if self.running:
+        if self.running:  # the one wait with nothing else to do: say what for, in case Ray cannot place the tasks
+            print(f"hellaswag: waiting for step {self.running[0]}'s eval (tasks of {self.num_cpus:g} CPU, "
+                  f"{self.num_gpus:g} GPU)", flush=True)
             self._collect(timeout=None)
 
     @property

@@ -11,19 +11,22 @@ Hugging Face directory) as our `GPT`, so sampling, export and evals have one mod
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gpt2.checkpoint import CheckpointError, list_checkpoints, load_model
+from gpt2.checkpoint import CheckpointError, load_model, model_config, read_state
 from gpt2.model import GPT, GPT2_VOCAB, PADDED_VOCAB, GPTConfig
+from gpt2.rundir import CHECKPOINT_STATE, list_checkpoints
 from pipelines.files import atomic_write
 
 LLMC_MAGIC = 20240326
 LLMC_VERSIONS = {3: torch.float32, 5: torch.bfloat16}
 HEADER_INTS = 256
+HF_CONFIG = "config.json"  # what makes a directory a Hugging Face model
 
 _BLOCK_ORDER = ("ln_1.weight", "ln_1.bias", "c_attn.weight", "c_attn.bias", "attn_proj.weight", "attn_proj.bias",
                 "ln_2.weight", "ln_2.bias", "c_fc.weight", "c_fc.bias", "mlp_proj.weight", "mlp_proj.bias")
@@ -172,12 +175,24 @@ def resolve_model_source(path: str | os.PathLike) -> Path:
     """`path` itself if it is a model we read, or a run directory's latest checkpoint; ModelSourceError
     otherwise (cheap: loads nothing)."""
     path = Path(path)
-    if (path / "state.json").is_file() or (path / "config.json").is_file() or path.is_file():
+    if (path / CHECKPOINT_STATE).is_file() or (path / HF_CONFIG).is_file() or path.is_file():
         return path
     if checkpoints := list_checkpoints(path):
         return checkpoints[-1]
-    raise ModelSourceError(f"{path}: not a checkpoint directory (state.json), a run directory holding ckpt_* "
-                           "checkpoints, a Hugging Face GPT-2 directory (config.json) or an llm.c model .bin")
+    raise ModelSourceError(f"{path}: not a checkpoint directory ({CHECKPOINT_STATE}), a run directory holding "
+                           f"checkpoints, a Hugging Face GPT-2 directory ({HF_CONFIG}) or an llm.c model .bin")
+
+
+def block_size_of(path: Path) -> int:
+    """The context length of the model at `path` (as resolve_model_source returns it), without loading weights."""
+    try:
+        if (path / CHECKPOINT_STATE).is_file():
+            return model_config(read_state(path)).block_size
+        if (path / HF_CONFIG).is_file():
+            return int(json.loads((path / HF_CONFIG).read_text())["n_positions"])
+        return read_llmc_header(path)[0].block_size
+    except (CheckpointError, LlmcFormatError, OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelSourceError(f"{path}: {err}") from err
 
 
 def load_gpt(path: str | os.PathLike, device: torch.device | str = "cpu") -> GPT:
@@ -185,9 +200,9 @@ def load_gpt(path: str | os.PathLike, device: torch.device | str = "cpu") -> GPT
     in eval mode on `device`."""
     path = resolve_model_source(path)
     try:
-        if (path / "state.json").is_file():
+        if (path / CHECKPOINT_STATE).is_file():
             model = load_model(path)
-        elif (path / "config.json").is_file():
+        elif (path / HF_CONFIG).is_file():
             from transformers import GPT2LMHeadModel  # only HF directories need transformers
 
             model = gpt_from_hf(GPT2LMHeadModel.from_pretrained(path, local_files_only=True), str(path))

@@ -11,11 +11,13 @@ PACKAGES = ("pipelines", "gpt2", "training", "evals")
 
 
 def check_listening(address: str) -> None:
-    """Raise ConnectionError at once when nothing listens at a host:port address: ray.init would wait there
-    for minutes before it gives up. "auto", "local" and other forms are left to Ray."""
+    """Raise ConnectionError at once when `address` is not a Ray address ("auto", "local", host:port or
+    ray://host:port), or nothing listens at its host:port: ray.init would wait there for minutes."""
+    if address in ("auto", "local"):
+        return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
-        return
+        raise ConnectionError("not a Ray address (host:port, ray://host:port or auto)")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except OSError as err:

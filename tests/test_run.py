@@ -5,7 +5,6 @@ import os
 import re
 import shutil
 import signal
-import tempfile
 import threading
 from pathlib import Path
 
@@ -14,8 +13,9 @@ import pytest
 import torch
 
 from gpt2.mainlog import read
+from gpt2.rundir import RAY_SNAPSHOT
 from tests.helpers import ReportGate, final_weights, make_shards, wait_for
-from training.run import RAY_SNAPSHOT, main
+from training.run import main
 
 STEPS = 40
 # Tiny model, 2 workers x B=2 x T=32, a checkpoint every 20 steps.
@@ -105,14 +105,14 @@ def test_killed_worker_resumes_from_the_checkpoint_and_ends_bitwise_equal(refere
 
 
 def test_a_cloud_run_resumed_on_another_node_continues_its_logs(ray_cluster, data, tmp_path):
-    """-o as a URI (file:// takes the s3:// / gs:// code path): the engine writes into a local staging
-    directory and main.log goes up with every checkpoint. A restart on a node without that directory must
-    continue the uploaded main.log, not replace it with the lines written after the resume."""
+    """-o as a URI (file:// takes the s3:// / gs:// code path): the engine writes into a private local
+    staging directory, gone when the run ends, and main.log goes up with every checkpoint. The resumed run,
+    like a restart on another node, stages afresh: it must continue the uploaded main.log, not replace it
+    with the lines written after the resume."""
     out = tmp_path / "cloud"
     flags = ["-i", str(data / "*_train_*.bin"), "-j", str(data / "*_val_*.bin"), "-o", f"file://{out}", *FLAGS]
     assert main([*flags, "-x", "20"]) == 0
     assert sorted(p.name for p in out.glob("ckpt_*")) == ["ckpt_00000020"]
-    shutil.rmtree(Path(tempfile.gettempdir()) / "raygpt2" / out.name)  # as on another node
     assert main([*flags, "-x", "40", "-y", "1"]) == 0
     log = read(out / "main.log")
     assert [step for step, _ in log["trl"]] == list(range(40)) and [step for step, _ in log["tel"]] == [0, 20, 40]

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipelines import cli
 
@@ -69,6 +70,10 @@ class TrainConfig:
                 raise ConfigError(f"{flag} must be a finite number >= 0, got {value}")
         if self.output_dir and os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             raise ConfigError(f"-o {self.output_dir}: exists and is not a directory")
+        if self.output_dir and self.resume_from and "://" not in self.output_dir and Path(
+                self.output_dir).resolve().is_relative_to(Path(self.resume_from).resolve()):
+            raise ConfigError(f"-o {self.output_dir}: inside --resume-from {self.resume_from}, which this run reads; "
+                              "give the run its own directory")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"-k {self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
         if not 0.0 <= self.final_lr_frac <= 1.0:

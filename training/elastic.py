@@ -18,6 +18,7 @@ from pathlib import Path
 
 from gpt2 import mainlog
 from gpt2.checkpoint import read_state
+from gpt2.rundir import MAIN_LOG
 from training.config import ConfigError, TrainConfig
 
 
@@ -78,7 +79,7 @@ def record_resize(output_dir: Path, checkpoint: Path, workers: int, reason: str)
     checkpoint), append this group's size to main.log and return the resize."""
     state = read_state(checkpoint)
     step = state["step"]
-    log = output_dir / "main.log"
+    log = output_dir / MAIN_LOG
     series = mainlog.read(log) if log.exists() else {"trl": [], "workers": []}
     earlier = [int(size) for at, size in series["workers"] if at <= step]
     previous = earlier[-1] if earlier else state["world_size"]

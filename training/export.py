@@ -16,21 +16,8 @@ if __name__ == "__main__":  # run as a script: make the repo root importable ins
 
 import torch
 
-from gpt2.interop import ModelSourceError, export_hf, load_gpt, write_llmc
+from gpt2.interop import ModelSourceError, export_hf, load_gpt, resolve_model_source, write_llmc
 from pipelines import cli
-
-
-def _writable(flag: str, path: str, directory: bool) -> str | None:
-    """Why `path` cannot take the export, or None."""
-    target = Path(path)
-    if directory and target.exists() and not target.is_dir():
-        return f"{flag} {path}: exists and is not a directory"
-    if not directory and target.is_dir():
-        return f"{flag} {path}: is a directory; give a file name"
-    parent = target.parent
-    if not parent.is_dir():
-        return f"{flag} {path}: directory {parent} does not exist"
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,24 +26,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llmc", help="write an llm.c model file here")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="llm.c file precision")
     parser.add_argument("--hf", help="write a Hugging Face transformers GPT-2 directory here")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --llmc file / write into a non-empty --hf directory")
     args = parser.parse_args(argv)
     if not args.llmc and not args.hf:
         parser.error("nothing to do: give --llmc and/or --hf")
-    problems = [p for p in (args.llmc and _writable("--llmc", args.llmc, directory=False),
-                            args.hf and _writable("--hf", args.hf, directory=True)) if p]
+    if args.llmc and args.hf and Path(args.llmc).resolve().is_relative_to(Path(args.hf).resolve()):
+        parser.error(f"--llmc {args.llmc}: inside --hf {args.hf}; write them apart")
+    try:
+        source = resolve_model_source(args.source)
+    except ModelSourceError as err:
+        parser.error(str(err))
+    problems = [p for p in (args.llmc and cli.output_problem("--llmc", args.llmc, args.overwrite, reads=(source,)),
+                            args.hf and cli.output_problem("--hf", args.hf, args.overwrite, directory=True,
+                                                           reads=(source,))) if p]
     if problems:
         parser.error(problems[0])
     try:
-        model = load_gpt(args.source)
+        model = load_gpt(source)
+        if args.llmc:
+            write_llmc(model, args.llmc, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+            print(f"wrote {args.llmc}")
+        if args.hf:
+            export_hf(model, args.hf)
+            print(f"wrote {args.hf}/")
     except ModelSourceError as err:
         print(f"export.py: error: {err}", file=sys.stderr)
         return 2
-    if args.llmc:
-        write_llmc(model, args.llmc, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-        print(f"wrote {args.llmc}")
-    if args.hf:
-        export_hf(model, args.hf)
-        print(f"wrote {args.hf}/")
+    except OSError as err:  # a read-only or full target: the atomic writes left nothing half-written
+        print(f"export.py: error: cannot write the export ({type(err).__name__}: {err})", file=sys.stderr)
+        return 2
     return 0
 
 

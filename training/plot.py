@@ -1,9 +1,11 @@
 """Plot a run's main.log like llm.c's dev/vislog notebook: loss on the left, HellaSwag on the right.
 
-    python training/plot.py OUT_DIR [--model d12] [-o OUT_DIR/main.png]
+    python training/plot.py OUT_DIR [--model d12] [-o OUT_DIR/main.png] [--overwrite]
 
 Reference lines are OpenAI's GPT-2 and GPT-3 checkpoints of the same size, as llm.c draws them; they are
 shown only when the run's model is one of GPT-2's four sizes (from --model, or the run's checkpoints).
+The default output, the run's main.png, is redrawn each time; an existing -o file is replaced only with
+--overwrite, and never a file of the run itself.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ if __name__ == "__main__":  # run as a script: make the repo root importable ins
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from gpt2 import mainlog
+from gpt2.rundir import CHECKPOINT_STATE, MAIN_LOG, PLOT, list_checkpoints
 from pipelines import cli
 from pipelines.files import atomic_write
 
@@ -30,14 +33,15 @@ def model_size(run_dir: Path, model: str | None) -> str | None:
     """GPT-2 size name of the run's model, from -e/--model or the newest checkpoint's state.json."""
     if model:
         return PRESET_SIZES.get(model)
-    states = sorted(run_dir.glob("ckpt_*/state.json"))
-    if not states:
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
         return None
+    state = checkpoints[-1] / CHECKPOINT_STATE
     try:
-        config = json.loads(states[-1].read_text())["model_config"]
+        config = json.loads(state.read_text())["model_config"]
         return GPT2_SIZES.get((config["n_layer"], config["n_embd"]))
     except (OSError, ValueError, KeyError, TypeError) as err:  # a damaged checkpoint must not stop a plot
-        print(f"note: {states[-1]}: unreadable ({err!r}); no reference lines (-e names the model)")
+        print(f"note: {state}: unreadable ({err!r}); no reference lines (-e names the model)")
         return None
 
 
@@ -70,7 +74,6 @@ def plot(series: dict[str, list[tuple[int, float]]], output: Path, title: str, s
         if axis.get_legend_handles_labels()[0]:
             axis.legend()
     figure.suptitle(title + (f" — GPT-2 {size}" if size else ""))
-    output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(output) as f:
         figure.savefig(f, format="png", dpi=100, bbox_inches="tight")
     plt.close(figure)
@@ -78,12 +81,17 @@ def plot(series: dict[str, list[tuple[int, float]]], output: Path, title: str, s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(description="Plot OUT_DIR/main.log like llm.c's vislog.")
-    parser.add_argument("run_dir", type=Path, help="the training output dir (-o) holding main.log")
+    parser = cli.ArgumentParser(description=f"Plot OUT_DIR/{MAIN_LOG} like llm.c's vislog.")
+    parser.add_argument("run_dir", type=Path, help=f"the training output dir (-o) holding {MAIN_LOG}")
     parser.add_argument("-e", "--model", help="model preset (d12/d24/d36/d48) for the reference lines")
-    parser.add_argument("-o", "--output", type=Path, help="PNG path (default RUN_DIR/main.png)")
+    parser.add_argument("-o", "--output", type=Path, help=f"PNG path (default RUN_DIR/{PLOT}, redrawn each time)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     args = parser.parse_args(argv)
-    log = args.run_dir / "main.log"
+    log = args.run_dir / MAIN_LOG
+    output = args.output or args.run_dir / PLOT
+    if output.resolve() != (args.run_dir / PLOT).resolve():  # the run's own plot is redrawn; any other file is not
+        if problem := cli.output_problem("-o", output, args.overwrite, reads=(log, *list_checkpoints(args.run_dir))):
+            parser.error(problem)
     if not log.exists():
         print(f"plot.py: error: {log}: no such file (is {args.run_dir} a training output dir?)", file=sys.stderr)
         return 2
@@ -96,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plot.py: error: {log}: no loss lines to plot (the engine writes 's:STEP trl:LOSS ...')",
               file=sys.stderr)
         return 2
-    output = args.output or args.run_dir / "main.png"
-    print(f"wrote {plot(series, output, str(args.run_dir), model_size(args.run_dir, args.model))}")
+    try:
+        print(f"wrote {plot(series, output, str(args.run_dir), model_size(args.run_dir, args.model))}")
+    except OSError as err:  # a read-only or full target: the atomic write left nothing half-written
+        print(f"plot.py: error: {output}: cannot be written ({type(err).__name__}: {err})", file=sys.stderr)
+        return 2
     return 0
 
 

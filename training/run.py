@@ -11,9 +11,11 @@ up (NCCL on GPU, gloo on CPU), so data sharding, DDP, ZeRO-1 and checkpoint cont
 `-o DIR` is the Ray Train run directory: RunConfig(storage_path=parent of DIR, name=basename of DIR), so
 Ray's bookkeeping sits next to the engine's `ckpt_XXXXXXXX/` and `main.log`. A local DIR (shared storage
 on a multi-node cluster) is written in place by rank 0 and registered with Ray without a copy; a cloud URI
-gets each checkpoint (and main.log) uploaded from a local staging directory. A failed worker makes Ray
-restart the group from the latest registered checkpoint (`--max-failures`); errors that a restart cannot
-fix (NaN loss, bad data, OOM, bad checkpoint) stop the run with one line naming the rank and step.
+gets each checkpoint (and main.log) uploaded from a staging directory private to the run. gpt2/rundir.py
+owns the directory's layout, its checks (used -o, --overwrite) and the lock the driver holds while it runs.
+A failed worker makes Ray restart the group from the latest registered checkpoint (`--max-failures`); errors
+that a restart cannot fix (NaN loss, bad data, OOM, bad checkpoint) stop the run with one line naming the
+rank and step.
 
 `--workers MAX --min-workers MIN` makes the group elastic (spot capacity): Ray Train runs it at any size in
 between that the cluster has room for and restarts it at a new size from the latest checkpoint when a node
@@ -28,10 +30,11 @@ each new group's rank 0 records a resize on the console and in main.log.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import shutil
 import sys
-import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -46,9 +49,11 @@ if __name__ == "__main__":  # run as a script: make the repo root importable, th
 
 import torch
 
-from evals.hellaswag_data import HellaSwagFormatError, load_examples
-from gpt2.checkpoint import CheckpointError, claim_output_dir, read_state
+from evals.hellaswag_data import HellaSwagFormatError, check_fits, load_examples
+from evals.parallel import gpus_short
+from gpt2.checkpoint import CheckpointError, read_state
 from gpt2.interop import LlmcFormatError
+from gpt2.rundir import CHECKPOINT_STATE, RUN_LOGS, SUMMARY, RunDir, RunDirError, make_staging
 from pipelines import cli
 from pipelines.files import write_json
 from pipelines.shards import ShardFormatError
@@ -58,13 +63,9 @@ from training.data import shard_files
 from training.elastic import check_group_sizes, record_resize, uneven_split_note
 from training.gauges import RunGauges
 from training.progress import Progress, hour_price
-from training.run_hellaswag import PLACEMENTS, HellaSwagBesideTraining, HellaSwagSettings, settle
-from training.train import TrainHooks, TrainingDiverged, TrainResult, train
+from training.run_hellaswag import PLACEMENTS, HellaSwagBesideTraining, HellaSwagSettings, model_shape, settle
+from training.train import TrainHooks, TrainingDiverged, TrainResult, check_same_run, train
 
-# Ray Train's bookkeeping file in the run directory; without it a new fit starts with no checkpoint.
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
-RUN_LOGS = ("main.log", "hellaswag.jsonl")  # a cloud -o gets them with every checkpoint
-# Errors that a restart from the last checkpoint would only repeat.
 # Elastic runs' RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S unless set (Ray's default: 60 s). After a node is lost, Ray
 # Train sizes the next group from resources Ray still counts for a while (until the GCS declares the node dead,
 # ~15 s by default, and Ray Data's AutoscalingCoordinator, which Ray Train asks, refreshes: every 20 s). Such a
@@ -72,6 +73,7 @@ RUN_LOGS = ("main.log", "hellaswag.jsonl")  # a cloud -o gets them with every ch
 # from resources that exist is placed at once.
 ELASTIC_GROUP_START_TIMEOUT_S = 10
 INPUT_ERRORS = (ConfigError, CheckpointError, ShardFormatError, LlmcFormatError, HellaSwagFormatError)
+# Errors that a restart from the last checkpoint would only repeat.
 DETERMINISTIC_ERRORS = (*INPUT_ERRORS, TrainingDiverged, torch.OutOfMemoryError)
 
 
@@ -177,15 +179,20 @@ def plan(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     smallest, largest = _group_sizes(args)
     if not 1 <= smallest <= largest:
         raise ConfigError(f"--min-workers must be between 1 and --workers {largest}, got {smallest}")
-    if args.resize_interval < 0:
-        raise ConfigError(f"--resize-interval must not be negative, got {args.resize_interval}")
-    if args.report_interval < 0:
-        raise ConfigError(f"--report-interval must not be negative, got {args.report_interval}")
+    for flag, value in (("--resize-interval", args.resize_interval), ("--report-interval", args.report_interval),
+                        ("--gpu-hour-usd", args.gpu_hour_usd), ("--eval-cpus-per-task", args.eval_cpus_per_task),
+                        ("--eval-gpus-per-task", args.eval_gpus_per_task)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{flag} must be a finite number >= 0, got {value}")
+    if args.cpus_per_worker is not None and not (math.isfinite(args.cpus_per_worker) and args.cpus_per_worker > 0):
+        raise ConfigError(f"--cpus-per-worker must be a finite number > 0, got {args.cpus_per_worker}")
+    if args.max_failures is not None and args.max_failures < -1:
+        raise ConfigError(f"--max-failures must be -1 (unlimited) or more, got {args.max_failures}")
     if not config.output_dir:
         raise ConfigError("-o is required: it is the Ray Train run directory that checkpoints and restarts use")
     if args.hellaswag:
-        if args.eval_tasks < 1 or args.eval_cpus_per_task < 0 or (args.eval_gpus_per_task or 0) < 0:
-            raise ConfigError("--eval-tasks must be at least 1 and --eval-cpus/gpus-per-task not negative")
+        if args.eval_tasks < 1:
+            raise ConfigError(f"--eval-tasks must be at least 1, got {args.eval_tasks}")
         if args.hellaswag_file and not os.path.isfile(args.hellaswag_file):
             raise ConfigError(f"--hellaswag-file {args.hellaswag_file}: no such file")
     config.validate()
@@ -205,19 +212,6 @@ def _storage(run_dir: str):
     if _is_uri(run_dir):
         return pyarrow.fs.FileSystem.from_uri(run_dir)
     return pyarrow.fs.LocalFileSystem(), run_dir
-
-
-def _forget_previous_ray_run(run_dir: str) -> None:
-    """Without -y 1 a run starts from scratch, as llm.c's; Ray Train would otherwise hand the workers the
-    latest checkpoint of an earlier run in the same directory. Only Ray's bookkeeping file is removed:
-    the engine's checkpoints and main.log stay (a new run overwrites checkpoints of the same step)."""
-    import pyarrow.fs
-
-    filesystem, path = _storage(run_dir)
-    snapshot = f"{path}/{RAY_SNAPSHOT}"
-    if filesystem.get_file_info(snapshot).type != pyarrow.fs.FileType.NotFound:
-        filesystem.delete_file(snapshot)
-        print(f"-y 0: starting from scratch; earlier checkpoints in {run_dir} are ignored", flush=True)
 
 
 class _FailureLog:
@@ -354,16 +348,14 @@ class _RayReports:
 
 
 def _fetch_run_logs(run_dir: str, staging: str) -> None:
-    """Rank 0 of a resumed cloud run on a node without its staging directory (a restart elsewhere): bring
-    back the logs as uploaded with the latest checkpoint, so that they are continued, not started over."""
+    """Rank 0 of a resumed cloud run, whose staging directory is new: bring back the logs as uploaded with the
+    latest checkpoint, so that they are continued, not started over."""
     import pyarrow.fs
 
     filesystem, path = _storage(run_dir)
-    os.makedirs(staging, exist_ok=True)
     for name in RUN_LOGS:
-        local = os.path.join(staging, name)
-        if not os.path.exists(local) and filesystem.get_file_info(f"{path}/{name}").type == pyarrow.fs.FileType.File:
-            pyarrow.fs.copy_files(f"{path}/{name}", local, source_filesystem=filesystem)
+        if filesystem.get_file_info(f"{path}/{name}").type == pyarrow.fs.FileType.File:
+            pyarrow.fs.copy_files(f"{path}/{name}", os.path.join(staging, name), source_filesystem=filesystem)
 
 
 class _WorkerHooks:
@@ -439,7 +431,7 @@ class _WorkerHooks:
             print(self.progress.line(result.steps, result.steps), flush=True)
             self._write_summary(result)
             if self.launch.remote:
-                self.reports.upload(*RUN_LOGS, "summary.json")
+                self.reports.upload(*RUN_LOGS, SUMMARY)
         self.reports.report({"step": result.steps, **self.hellaswag_metrics, "timestamp": time.time()})
 
     def _write_summary(self, result: TrainResult) -> None:
@@ -451,9 +443,9 @@ class _WorkerHooks:
         summary = {"run": self.launch.run_dir, **self.progress.summary(
             result.steps, self.config.tokens_per_step(self.launch.workers), device),
             "train_loss": result.train_loss, "val_loss": result.val_loss, "hellaswag": hellaswag}
-        path = Path(self.config.output_dir) / "summary.json"
+        path = Path(self.config.output_dir) / SUMMARY
         write_json(path, summary)
-        print(f"wrote {path if not self.launch.remote else self.launch.run_dir + '/summary.json'}", flush=True)
+        print(f"wrote {path if not self.launch.remote else f'{self.launch.run_dir}/{SUMMARY}'}", flush=True)
 
 
 def _resize_reason(group_starts: list[tuple[float, int]], group_failure: str | None) -> str:
@@ -486,14 +478,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         config.device = "cpu"
         torch.set_num_threads(max(1, round(launch.cpus_per_worker)))
     staging = None
-    if launch.remote:  # the engine writes locally; _RayReports uploads
-        staging = os.path.join(tempfile.gettempdir(), "raygpt2", launch.run_name)
+    if launch.remote and rank == 0:  # the engine writes locally (only rank 0 writes); _RayReports uploads
+        staging = str(make_staging())
         config.output_dir = staging
     group_starts, group_failure = [(launch.started_at, launch.workers)], None
     if rank == 0:
         group_starts, group_failure = ray.get(groups.started.remote(time.time(), launch.workers))
     hooks = None
     with ExitStack() as stack:
+        if staging:
+            stack.callback(shutil.rmtree, staging, ignore_errors=True)
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:  # a restart, or -y 1 finding an earlier fit's checkpoints
             config.resume_from = stack.enter_context(checkpoint.as_directory())
@@ -550,6 +544,18 @@ def _check_capacity(workers: int, flag: str, use_gpu: bool, cpus: float, fixed_s
     print(f"note: {message}; Ray Train waits until the autoscaler adds nodes", flush=True)
 
 
+def _check_eval_gpus(settings: HellaSwagSettings, fixed_size: bool) -> None:
+    """Eval tasks asking for more GPUs than any node has would wait forever, after the training has finished."""
+    if settings.placement != "tasks" or (most := gpus_short(settings.gpus_per_task)) is None:
+        return
+    message = (f"--eval-gpus-per-task {settings.gpus_per_task:g}: no node of the cluster has that many GPUs "
+               f"(the most is {most:g})")
+    if fixed_size:
+        raise ConfigError(f"{message}; lower it (0 runs the evals on CPUs), use --eval-on ranks, or join a cluster "
+                          "with GPU nodes (--address)")
+    print(f"note: {message}; the evals wait until the autoscaler adds a GPU node", flush=True)
+
+
 def launch_run(args: argparse.Namespace, callbacks: list | None = None) -> None:
     """Run the training as configured on the connected Ray cluster (`callbacks`: ray.train.UserCallback
     instances, e.g. a benchmark's); raises FatalTrainingError or Ray's TrainingFailedError."""
@@ -561,8 +567,8 @@ def launch_run(args: argparse.Namespace, callbacks: list | None = None) -> None:
     config, run_dir = plan(args)
     use_gpu, cpus = _resources(args, ray.cluster_resources())
     smallest, largest = _group_sizes(args)
-    _check_capacity(smallest, "--workers" if smallest == largest else "--min-workers", use_gpu, cpus,
-                    fixed_size=args.address is None and "RAY_ADDRESS" not in os.environ)
+    fixed_size = args.address is None and "RAY_ADDRESS" not in os.environ
+    _check_capacity(smallest, "--workers" if smallest == largest else "--min-workers", use_gpu, cpus, fixed_size)
     if note := uneven_split_note(config, smallest, largest):
         print(note, flush=True)
     remote = _is_uri(run_dir)
@@ -575,14 +581,14 @@ def launch_run(args: argparse.Namespace, callbacks: list | None = None) -> None:
     hellaswag = None
     if args.hellaswag:
         gpus_per_task = args.eval_gpus_per_task if args.eval_gpus_per_task is not None else float(use_gpu)
-        hellaswag = asdict(settle(args.eval_on, _absolute(args.hellaswag_file) if args.hellaswag_file else None,
-                                  args.eval_tasks, args.eval_cpus_per_task, gpus_per_task, config, args.workers,
-                                  use_gpu, cpus, ray.cluster_resources()))
+        settings = settle(args.eval_on, _absolute(args.hellaswag_file) if args.hellaswag_file else None,
+                          args.eval_tasks, args.eval_cpus_per_task, gpus_per_task, config, args.workers, use_gpu,
+                          cpus, ray.cluster_resources())
+        _check_eval_gpus(settings, fixed_size)
+        hellaswag = asdict(settings)
     launch = Launch(run_name=run_name, run_dir=run_dir, remote=remote, use_gpu=use_gpu, cpus_per_worker=cpus,
                     report_interval=args.report_interval, workers=args.workers, started_at=time.time(),
                     usd_per_worker_hour=hour_price(args.gpu_hour_usd, use_gpu), hellaswag=hellaswag)
-    if not config.resume:
-        _forget_previous_ray_run(run_dir)
     if not remote:
         config.output_dir = run_dir
     # Beside the driver, as Ray Train's controller is: a worker node may vanish (spot capacity) and must not take
@@ -595,6 +601,7 @@ def launch_run(args: argparse.Namespace, callbacks: list | None = None) -> None:
     # Ray Train's state API (the dashboard's /api/train/v2/runs/v1: the run, its attempts and workers) is off
     # unless the driver that calls fit() has this set; Ray passes it on to its controller. An explicit 0 wins.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    claim = RunDir(run_dir).claimed(bool(config.resume or config.resume_from), config.overwrite)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"train": asdict(config), "launch": asdict(launch), "failures": failures, "groups": groups},
@@ -613,7 +620,8 @@ def launch_run(args: argparse.Namespace, callbacks: list | None = None) -> None:
                              logging_config=LoggingConfig(log_level=RAY_TRAIN_CONSOLE_LEVEL)),
     )
     try:
-        trainer.fit()
+        with claim:  # the first write into -o: everything that could refuse the run has been checked
+            trainer.fit()
     except Exception as err:
         recorded = ray.get(failures.first.remote())
         if recorded:
@@ -621,34 +629,57 @@ def launch_run(args: argparse.Namespace, callbacks: list | None = None) -> None:
         raise
 
 
+def _check_resume(config: TrainConfig, run: RunDir, workers: int) -> None:
+    """The checkpoint that -y 1 or --resume-from would continue exists and fits these flags: checked here, before a
+    cluster starts, rather than in every worker Ray would restart."""
+    if config.resume_from:
+        where, state = config.resume_from, read_state(config.resume_from)
+    elif config.resume and (name := run.latest_checkpoint()):
+        where = f"{run.location}/{name}"
+        state = (read_state(run.path(name)) if run.local
+                 else json.loads(run.read_text(f"{name}/{CHECKPOINT_STATE}")))
+    else:
+        return
+    if note := check_same_run(where, state, config, model_shape(config.model), workers):
+        print(note, flush=True)
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Every flag and input the driver can check before a cluster starts or a file is written."""
+    from pipelines.cluster import starts_local_cluster
+
+    config, run_dir = plan(args)
+    if starts_local_cluster(args.address):  # the workers will see this machine's files: look now
+        shard_files(config.train_data, "-i")
+        if config.val_data:
+            shard_files(config.val_data, "-j")
+    try:
+        block_size = model_shape(config.model).block_size
+    except ValueError as err:  # a bad -e descriptor, or an llm.c file that is not one
+        raise ConfigError(f"-e {config.model}: {err}") from err
+    if args.hellaswag:  # a file that does not fit would fail in every restarted worker
+        check_fits(load_examples(args.hellaswag_file), block_size, args.hellaswag_file or "HellaSwag")
+    run = RunDir(run_dir)
+    run.check(bool(config.resume or config.resume_from), config.overwrite)
+    _check_resume(config, run, args.workers)
+
+
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     """The command line; `callbacks`: ray.train.UserCallback instances for launch_run."""
-    from pipelines.cluster import connect, starts_local_cluster
+    from pipelines.cluster import connect
 
     args = build_run_parser().parse_args(argv)
-    try:  # flag errors before any cluster starts
-        config, run_dir = plan(args)
-        if starts_local_cluster(args.address):  # the workers will see this machine's files: look now
-            shard_files(config.train_data, "-i")
-            if config.val_data:
-                shard_files(config.val_data, "-j")
-        if args.hellaswag and args.hellaswag_file:
-            load_examples(args.hellaswag_file)  # a malformed file fails here, not in every restarted worker
-        if not _is_uri(run_dir):
-            claim_output_dir(run_dir, bool(config.resume or config.resume_from), config.overwrite)
-    except (ConfigError, CheckpointError, HellaSwagFormatError) as err:
-        print(f"run.py: error: {err}", file=sys.stderr)
-        return 2
-    try:
+    try:  # validate, then act: nothing starts and nothing is written before every check has passed
+        _check_inputs(args)
         connect(args.address)
-    except ConnectionError as err:
+    except (*INPUT_ERRORS, RunDirError, ConnectionError) as err:
         print(f"run.py: error: {err}", file=sys.stderr)
         return 2
     from ray.train import TrainingFailedError
 
     try:
         launch_run(args, callbacks)
-    except ConfigError as err:
+    except (ConfigError, RunDirError) as err:
         print(f"run.py: error: {err}", file=sys.stderr)
         return 2
     except FatalTrainingError as err:

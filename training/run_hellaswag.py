@@ -36,6 +36,7 @@ from evals.scoring import (
 )
 from gpt2.interop import read_llmc_header
 from gpt2.model import GPT, GPTConfig
+from gpt2.rundir import HELLASWAG_RECORDS, MAIN_LOG
 from pipelines.files import atomic_write
 from training.config import TrainConfig
 from training.metrics import flops_per_token, peak_flops
@@ -135,7 +136,8 @@ def cost_line(run: RunShape, eval_flops: int, settings: HellaSwagSettings, gpu_n
     return line + "; the tasks keep up"
 
 
-def _model_shape(descriptor: str) -> GPTConfig:
+def model_shape(descriptor: str) -> GPTConfig:
+    """The shape of -e: a descriptor (d12, L2H2C64) or an llm.c model file's header."""
     return read_llmc_header(descriptor)[0] if descriptor.endswith(".bin") else GPTConfig.from_descriptor(descriptor)
 
 
@@ -146,7 +148,7 @@ def settle(eval_on: str, file: str | None, tasks: int, cpus_per_task: float, gpu
     placement, why = choose_placement(eval_on, use_gpu, workers, cluster, tasks, gpus_per_task)
     settings = HellaSwagSettings(file, placement, tasks, cpus_per_task, gpus_per_task)
     print(f"hellaswag: {placement}: {why}", flush=True)
-    shape = _model_shape(config.model)
+    shape = model_shape(config.model)
     with torch.device("meta"):
         num_params = GPT(shape).num_parameters()
     batches = plan_batches(load_examples(file), default_batch_tokens("cuda" if use_gpu else "cpu"))
@@ -173,7 +175,7 @@ class HellaSwagBesideTraining:
         self.my_batches = self.batches[rank::world]  # this rank's share under --eval-on ranks
         self.snapshot_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.evals = None
-        self.records = out_dir / "hellaswag.jsonl"
+        self.records = out_dir / HELLASWAG_RECORDS
         self.steps_done = 0
         self.recorded_steps: set[int] = set()
         if rank == 0 and resume_step is not None:
@@ -181,7 +183,7 @@ class HellaSwagBesideTraining:
         if rank == 0:
             eval_set = (prepare(examples, settings.tasks, gpu=settings.gpus_per_task > 0)
                         if settings.placement == "tasks" else None)
-            self.evals = ConcurrentEvals(eval_set, out_dir / "main.log", settings.cpus_per_task,
+            self.evals = ConcurrentEvals(eval_set, out_dir / MAIN_LOG, settings.cpus_per_task,
                                          settings.gpus_per_task, report=self._record, on_skip=self._skipped)
 
     def on_eval(self, step: int, model: GPT) -> None:

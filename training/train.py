@@ -30,17 +30,26 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gpt2.checkpoint import (
     CheckpointError,
-    claim_output_dir,
-    list_checkpoints,
     load_part,
     model_config,
     prune_checkpoints,
     read_state,
     save_checkpoint,
+    weights_mismatch,
 )
 from gpt2.interop import LlmcFormatError, read_llmc
 from gpt2.mainlog import MainLog
 from gpt2.model import GPT, GPTConfig, autocast_for, pick_device
+from gpt2.rundir import (
+    MAIN_LOG,
+    MODEL_PART,
+    OPTIMIZER_PART,
+    RNG_PART,
+    RunDir,
+    RunDirError,
+    checkpoint_dir,
+    list_checkpoints,
+)
 from pipelines.shards import ShardFormatError
 from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
 from training.config import RUN_DEFINING, ConfigError, TrainConfig, parse_args
@@ -82,6 +91,28 @@ class TrainResult:
     train_loss: float | None
     val_loss: float | None
     checkpoint: Path | None
+
+
+def check_same_run(path: Path | str, state: dict[str, Any], config: TrainConfig, model_shape: GPTConfig,
+                   world: int) -> str | None:
+    """Refuse to continue checkpoint `path` (its state.json `state`) under flags that would make it another run,
+    saying what differs; returns a note when only -x changed. The launcher calls it before it starts a cluster."""
+    if model_config(state) != model_shape:
+        raise CheckpointError(f"{path}: holds model {state['model_config']}, but -e {config.model} "
+                              f"is {model_shape.to_dict()}")
+    saved = TrainConfig(**{k: v for k, v in state["train_config"].items() if k in TrainConfig.__dataclass_fields__})
+    current = asdict(config)
+    differs = [f"{flag} {getattr(saved, name)} -> {current[name]}" for name, flag in RUN_DEFINING.items()
+               if name != "model" and getattr(saved, name) != current[name]]
+    saved_tokens = saved.tokens_per_step(state["world_size"])
+    if saved_tokens != config.tokens_per_step(world):
+        differs.append(f"-d {saved_tokens} -> {config.tokens_per_step(world)} tokens per step")
+    if differs:
+        raise CheckpointError(f"{path}: written by a run with other flags ({', '.join(differs)}); resume with "
+                              "the same flags, or start a new run in another -o")
+    if saved.max_steps != config.max_steps:
+        return f"-x {saved.max_steps} -> {config.max_steps}: the learning-rate schedule now runs to the new -x"
+    return None
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -177,8 +208,7 @@ class _Run:
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                                             else None) if self.distributed and self.world > 1 else None)
         self.out = Path(config.output_dir) if config.output_dir else None
-        self.main_log = (MainLog(self.out / "main.log", self.start_step if self.resumed else None)
-                         if self.master and self.out else None)
+        self.main_log: MainLog | None = None  # opened by run(): constructing a _Run writes nothing
         self.tokens_per_step = config.tokens_per_step(self.world)
         self.flops_per_token = flops_per_token(self.model.num_parameters(), self.model.config, config.seq_len)
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
@@ -207,34 +237,19 @@ class _Run:
             _log(self.master, f"-y 1: no checkpoint in {self.config.output_dir}, starting from scratch")
         return None
 
-    def _check_same_run(self, path: Path, state: dict[str, Any]) -> None:
-        """Refuse to continue a checkpoint under flags that would make it another run; say what differs."""
-        if model_config(state) != self.model.config:
-            raise CheckpointError(f"{path}: holds model {state['model_config']}, but -e {self.config.model} "
-                                  f"is {self.model.config.to_dict()}")
-        saved = TrainConfig(**{k: v for k, v in state["train_config"].items() if k in TrainConfig.__dataclass_fields__})
-        current = asdict(self.config)
-        differs = [f"{flag} {getattr(saved, name)} -> {current[name]}" for name, flag in RUN_DEFINING.items()
-                   if name != "model" and getattr(saved, name) != current[name]]
-        saved_tokens = saved.tokens_per_step(state["world_size"])
-        if saved_tokens != self.config.tokens_per_step(self.world):
-            differs.append(f"-d {saved_tokens} -> {self.config.tokens_per_step(self.world)} tokens per step")
-        if differs:
-            raise CheckpointError(f"{path}: written by a run with other flags ({', '.join(differs)}); resume with "
-                                  "the same flags, or start a new run in another -o")
-        if saved.max_steps != self.config.max_steps:
-            _log(self.master, f"-x {saved.max_steps} -> {self.config.max_steps}: the learning-rate schedule now "
-                              f"runs to step {self.steps}")
-
     def _restore(self, path: Path) -> None:
         state = read_state(path)
-        self._check_same_run(path, state)
-        self.model.load_state_dict(load_part(path, "model.pt", self.device))
+        if note := check_same_run(path, state, self.config, self.model.config, self.world):
+            _log(self.master, note)
+        weights = load_part(path, MODEL_PART, self.device)
+        if mismatch := weights_mismatch(self.model, weights):
+            raise CheckpointError(f"{path / MODEL_PART}: does not fit the model its checkpoint describes: {mismatch}")
+        self.model.load_state_dict(weights)
         try:
-            self.optimizer.load_state_dict(load_part(path, "optimizer.pt"))
+            self.optimizer.load_state_dict(load_part(path, OPTIMIZER_PART))
         except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{path / 'optimizer.pt'}: does not fit this model's optimizer ({err})") from err
-        rng = load_part(path, "rng.pt")
+            raise CheckpointError(f"{path / OPTIMIZER_PART}: does not fit this model's optimizer ({err})") from err
+        rng = load_part(path, RNG_PART)
         torch.set_rng_state(rng["torch"])
         if self.device.type == "cuda" and rng.get("cuda"):
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -252,7 +267,7 @@ class _Run:
         if self.master:
             rng = {"torch": torch.get_rng_state(), "sample": self.sample_generator.get_state(),
                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}
-            parts = {"model.pt": self.model.state_dict(), "optimizer.pt": self.optimizer.state_dict(), "rng.pt": rng}
+            parts = {MODEL_PART: self.model.state_dict(), OPTIMIZER_PART: self.optimizer.state_dict(), RNG_PART: rng}
             state = {"model_config": self.model.config.to_dict(), "train_config": asdict(self.config),
                      "world_size": self.world, "train_loader": self.train_loader.state_dict(),
                      "outliers": {"loss": self.loss_outliers.state(), "grad": self.grad_outliers.state()}}
@@ -261,7 +276,7 @@ class _Run:
                 prune_checkpoints(self.out, self.config.checkpoints_keep)
         if self.distributed:
             dist.barrier()
-        path = self.out / f"ckpt_{step:08d}" if path is None else path
+        path = checkpoint_dir(self.out, step) if path is None else path
         if self.hooks.on_checkpoint:
             self.hooks.on_checkpoint(step, path)
         return path
@@ -334,6 +349,8 @@ class _Run:
 
     def run(self) -> TrainResult:
         c = self.config
+        if self.master and self.out:
+            self.main_log = MainLog(self.out / MAIN_LOG, self.start_step if self.resumed else None)
         single_batch = self.train_loader.next_step(self.micro_batches)[0] if c.overfit_single_batch else None
         train_loss = val_loss = checkpoint = None
         checkpoint_asked = False
@@ -376,12 +393,20 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    try:  # validate everything, then claim -o (the first write), then train
         config = parse_args(argv)
-        if config.output_dir:
-            claim_output_dir(config.output_dir, bool(config.resume or config.resume_from), config.overwrite)
-        train(config)
-    except (ConfigError, CheckpointError, ShardFormatError, LlmcFormatError) as err:
+        config.validate()
+        resume = bool(config.resume or config.resume_from)
+        run_dir = RunDir(config.output_dir) if config.output_dir else None
+        if run_dir:
+            run_dir.check(resume, config.overwrite)
+        run = _Run(config, TrainHooks())
+        if run_dir:
+            with run_dir.claimed(resume, config.overwrite):
+                run.run()
+        else:
+            run.run()
+    except (ConfigError, CheckpointError, ShardFormatError, LlmcFormatError, RunDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
