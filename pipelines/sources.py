@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -35,6 +36,7 @@ JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 DEMO_FILES = 4
 # Filter columns and their Arrow types; jsonl is parsed against these alone, so other fields never matter.
 SCORE_COLUMNS = {"int_score": pa.int64(), "score": pa.float64(), "language_score": pa.float64()}
+JSON_BLOCK_BYTES = 1 << 20  # Arrow's default block; a block is made bigger where one line is longer
 INSPECT_THREADS = 16  # footers are tiny remote reads: latency-bound, so many at once
 
 # Retries of remote reads: a whole call again after 0.5 s, 1 s, 2 s, ... (capped, jittered). Generous,
@@ -125,6 +127,7 @@ class InputFiles:
     columns: list[str]  # columns present in the first file, for the filters that depend on them
     # per file: (rows, uncompressed text bytes) of each parquet row group; one (-1, file bytes) for jsonl
     row_groups: list[list[tuple[int, int]]]
+    identities: list[dict]  # per file: what tells a changed file from the one a run began with (file_identity)
 
     def read(self, piece: Piece, columns: list[str], batch_rows: int) -> pa.Table:
         """The piece's rows (text and the filter columns), retried while the storage fails transiently."""
@@ -183,6 +186,19 @@ def _first_json_record(fs: fsspec.AbstractFileSystem, path: str) -> dict:
 def _check_text_type(path: str, text_type: pa.DataType) -> None:
     if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or pa.types.is_null(text_type)):
         raise InputError(f"{path}: column 'text' is {text_type}, not a string")
+
+
+IDENTITY_FIELDS = ("mtime", "ETag", "etag", "md5Hash", "generation", "blob_id", "LastModified", "last_modified")
+
+
+def file_identity(info: dict) -> dict:
+    """Size and whatever the filesystem changes when the content changes: a local file's modification time,
+    an object's etag or generation, a hub file's blob id and LFS sha256."""
+    identity = {"size": info.get("size")}
+    identity.update({key: str(info[key]) for key in IDENTITY_FIELDS if info.get(key) is not None})
+    if isinstance(info.get("lfs"), dict) and info["lfs"].get("sha256"):
+        identity["sha256"] = info["lfs"]["sha256"]
+    return identity
 
 
 def _inspect(fs: fsspec.AbstractFileSystem, path: str, file_format: str) -> tuple[list[str], list[tuple[int, int]]]:
@@ -270,17 +286,27 @@ def _read_json(fs: fsspec.AbstractFileSystem, path: str, columns: list[str],
     try:
         if byte_range is None:
             with _open_text_lines(fs, path) as stream:
-                return pj.read_json(stream, parse_options=options)
-        with fs.open(path, "rb") as f:
-            start, end = (_line_start(f, offset) for offset in byte_range)
-            f.seek(start)
-            lines = f.read(end - start)
-        # a range inside one long line holds no line start: no rows
-        return pj.read_json(pa.BufferReader(lines), parse_options=options) if lines else schema.empty_table()
+                lines = stream.read()
+        else:
+            with fs.open(path, "rb") as f:
+                start, end = (_line_start(f, offset) for offset in byte_range)
+                f.seek(start)
+                lines = f.read(end - start)
+        if not lines:  # a range inside one long line holds no line start: no rows
+            return schema.empty_table()
+        # Arrow parses in blocks and refuses a line longer than one: make a block hold the longest line
+        block_size = max(JSON_BLOCK_BYTES, _longest_line(lines) + 1)
+        return pj.read_json(pa.BufferReader(lines), parse_options=options,
+                            read_options=pj.ReadOptions(block_size=block_size))
     except READ_ERRORS as err:
         if is_transient(err):
             raise
         raise InputError(f"{path}: {_locate_json_error(fs, path, schema.names) or _first_line(err)}") from err
+
+
+def _longest_line(data: bytes) -> int:
+    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n"))
+    return int(np.diff(ends, prepend=-1, append=len(data)).max())
 
 
 def _locate_json_error(fs: fsspec.AbstractFileSystem, path: str, columns: list[str]) -> str | None:
@@ -330,8 +356,9 @@ def _checked(fs: fsspec.AbstractFileSystem, paths: list[str]) -> InputFiles:
         raise InputError(f"inputs mix parquet and json files ({paths[0]} ...): give one format per run")
     (file_format,) = formats
 
-    def inspect(path: str) -> tuple[list[str], list[tuple[int, int]]]:
-        return with_retries(lambda: _inspect(fs, path, file_format), f"reading the footer of {path}")
+    def inspect(path: str) -> tuple[list[str], list[tuple[int, int]], dict]:
+        columns, row_groups = with_retries(lambda: _inspect(fs, path, file_format), f"reading the footer of {path}")
+        return columns, row_groups, file_identity(with_retries(lambda: fs.info(path), f"looking up {path}"))
 
     with ThreadPoolExecutor(min(INSPECT_THREADS, len(paths))) as pool:
         inspected = list(pool.map(inspect, paths))
@@ -340,7 +367,8 @@ def _checked(fs: fsspec.AbstractFileSystem, paths: list[str]) -> InputFiles:
         format=file_format,
         filesystem=fs,
         columns=inspected[0][0],
-        row_groups=[row_groups for _, row_groups in inspected],
+        row_groups=[row_groups for _, row_groups, _ in inspected],
+        identities=[identity for _, _, identity in inspected],
     )
 
 

@@ -52,7 +52,7 @@ from pipelines.sources import (
     files_from_hub,
 )
 from pipelines.tokenizer import tokenizer_identity
-from pipelines.workdir import MANIFEST_FILE, PARTS_DIR, STATE_FILE, OutputDir, unit_file
+from pipelines.workdir import MANIFEST_FILE, PARTS_DIR, STATE_FILE, OutputDir, shard_pattern, unit_file
 from pipelines.worker import TokenizeWorker
 
 ASSEMBLE_TOKENS = 32 << 20  # one assembly task writes consecutive shards up to this many tokens
@@ -91,7 +91,11 @@ class TokenizeConfig:
         self.output_dir = str(self.output_dir)
         if demo and is_url(self.output_dir):
             raise InputError(f"-o {self.output_dir}: --source demo builds its corpus locally; give a local -o")
-        self.prefix = self.prefix or ("python_docs" if demo else "edu_fineweb")
+        if self.prefix is None:
+            self.prefix = "python_docs" if demo else "edu_fineweb"
+        if not self.prefix or any(part in self.prefix for part in ("/", "\\", os.sep, "..", "*", "?", "[")):
+            raise InputError(f"--prefix {self.prefix!r}: a shard name prefix, not a path (no '/', '..' or "
+                             "wildcards); the shards go into -o")
         if self.shard_size is None:
             self.shard_size = DEMO_SHARD_SIZE if demo else FINEWEB_SHARD_SIZE
         if not 1 <= self.shard_size <= MAX_SHARD_TOKENS:
@@ -106,8 +110,17 @@ class TokenizeConfig:
                 raise InputError(f"{flag} must be positive, got {value:g}")
 
 
+def _create_output_dir(out: OutputDir) -> None:
+    try:
+        out.makedirs()
+    except OSError as err:
+        raise InputError(f"-o {out}: cannot create it ({err.strerror or err})") from err
+    out.check_writable()
+
+
 def resolve_inputs(config: TokenizeConfig) -> InputFiles:
-    if config.source == "demo":
+    if config.source == "demo":  # the demo corpus is written into -o
+        _create_output_dir(OutputDir(config.output_dir))
         return files_from_demo(local_path(config.output_dir) / "demo_source")
     if config.source == "files":
         return files_from_glob(config.input)
@@ -117,7 +130,7 @@ def resolve_inputs(config: TokenizeConfig) -> InputFiles:
 # ---- the output directory before a run: refuse, finish, resume or start -------------------------------------
 
 def _shard_files(out: OutputDir, prefix: str = "*") -> list[str]:
-    return out.glob(f"{prefix}_*_[0-9][0-9][0-9][0-9][0-9][0-9].bin")
+    return out.glob(shard_pattern(prefix))
 
 
 def _refuse_unknown_shards(out: OutputDir) -> None:
@@ -139,7 +152,14 @@ def _discard_previous_run(out: OutputDir) -> None:
 def _read_same_run(out: OutputDir, name: str, fingerprint: dict, what: str) -> dict:
     """JSON file `name` of `out`, refused unless it was written by a run with these inputs and flags."""
     payload = out.read_json(name)
-    if payload.get("fingerprint") != fingerprint:
+    recorded = payload.get("fingerprint")
+    if recorded != fingerprint:
+        if isinstance(recorded, dict) and {**recorded, "identities": None} == {**fingerprint, "identities": None}:
+            changed = next((path for path, was, now in zip(fingerprint["inputs"], recorded["identities"] or [],
+                                                            fingerprint["identities"], strict=False) if was != now),
+                           fingerprint["inputs"][0])
+            raise InputError(f"{changed}: changed (size or modification time) since {what} in {out} read it; "
+                             "pass --overwrite to tokenize the inputs again")
         raise InputError(f"{out.path(name)}: {what} with different inputs or flags is here; "
                          "use another --output-dir or pass --overwrite")
     return payload
@@ -248,8 +268,7 @@ class _Driver:
     def load_progress(self) -> None:
         """Units and shards a previous run of the same command finished (re-verified cheaply)."""
         out = self.out
-        for name in out.glob("*.tmp") + out.glob(f"{PARTS_DIR}/*.tmp"):
-            out.remove(name)  # a write the previous run was killed in
+        out.remove_partial_writes(self.config.prefix)
 
         def finished_unit(name: str) -> dict | None:
             counters = out.read_json(name)
@@ -469,19 +488,20 @@ def _consecutive_groups(plans: list[ShardPlan], most: int) -> list[list[ShardPla
 
 def tokenize(config: TokenizeConfig) -> dict:
     """Run the job; returns the manifest (also written to OUTPUT_DIR/manifest.json)."""
-    from pipelines.cluster import connect
+    from pipelines.cluster import check_address, connect
 
     started = time.monotonic()
+    try:
+        check_address(config.address)
+    except ConnectionError as err:
+        raise InputError(str(err)) from err
     out = OutputDir(config.output_dir)
     out.check_directory()
     inputs = resolve_inputs(config)
     identity = tokenizer_identity()  # also seeds the offline vocab cache before the workers need it
-    fingerprint = {"inputs": inputs.paths, "shard_size": config.shard_size, "prefix": config.prefix,
-                   "filters": config.filters.to_dict(), "tokenizer": identity["ranks_sha256"]}
-    try:
-        out.makedirs()
-    except OSError as err:
-        raise InputError(f"-o {out}: cannot create it ({err.strerror or err})") from err
+    fingerprint = {"inputs": inputs.paths, "identities": inputs.identities, "shard_size": config.shard_size,
+                   "prefix": config.prefix, "filters": config.filters.to_dict(), "tokenizer": identity["ranks_sha256"]}
+    _create_output_dir(out)
     if config.overwrite:
         _discard_previous_run(out)
     _refuse_unknown_shards(out)

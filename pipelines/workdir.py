@@ -19,17 +19,23 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from functools import cached_property
 from typing import Any
 
 import fsspec
 
-from pipelines.files import atomic_write, is_url, local_path, write_json
+from pipelines.files import atomic_write, is_url, local_path, partial_pattern, write_json
 from pipelines.sources import InputError
 
 MANIFEST_FILE = "manifest.json"
 STATE_FILE = "tokenize_state.json"
 PARTS_DIR = "tokenize_parts"
+
+
+def shard_pattern(prefix: str = "*") -> str:
+    """A glob for the shards named by pipelines.shards.shard_name with `prefix`."""
+    return f"{prefix}_*_[0-9][0-9][0-9][0-9][0-9][0-9].bin"
 
 
 def unit_file(unit: int, kind: str) -> str:
@@ -72,6 +78,23 @@ class OutputDir:
     def check_directory(self) -> None:
         if self.fs.exists(self._target("")) and not self.fs.isdir(self._target("")):
             raise InputError(f"-o {self.location}: is a file, not a directory")
+
+    def check_writable(self) -> None:
+        """A local -o that cannot take a file is one line before the job starts (an unnamed temp file, so
+        nothing appears in it); an object store says so at the first write."""
+        if is_url(self.location):
+            return
+        try:
+            tempfile.TemporaryFile(dir=self.location).close()
+        except OSError as err:
+            raise InputError(f"-o {self.location}: cannot write there ({err.strerror or err})") from err
+
+    def remove_partial_writes(self, prefix: str) -> None:
+        """Remove the temp files that writes of a killed run left (pipelines.files names them so), beside the
+        names this pipeline writes and nowhere else: anything else in -o is not ours to delete."""
+        for name in (MANIFEST_FILE, STATE_FILE, shard_pattern(prefix), f"{PARTS_DIR}/*"):
+            for partial in self.glob(partial_pattern(name)):
+                self.remove(partial)
 
     def makedirs(self, name: str = "") -> None:
         self.fs.makedirs(self._target(name), exist_ok=True)

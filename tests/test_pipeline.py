@@ -19,7 +19,7 @@ import pytest
 
 from pipelines.dedup import HASH_ROW, duplicate_docs, find_duplicates
 from pipelines.encode import EncodeJob
-from pipelines.files import atomic_write
+from pipelines.files import PARTIAL_SUFFIX, atomic_write
 from pipelines.filters import FilterConfig
 from pipelines.shards import file_sha256, read_header, read_shard
 from pipelines.sources import InputError, files_from_glob
@@ -264,6 +264,58 @@ def test_rerun_is_a_noop_and_other_flags_are_refused(corpus, reference, tmp_path
     assert redone["total_tokens"] == first["total_tokens"] and len(redone["shards"]) < len(first["shards"])
 
 
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_changed_input_is_refused_finished_or_interrupted(ray_cluster, tmp_path):
+    docs = make_documents(300, seed=4)
+    pattern = write_parquet_files(tmp_path / "raw", docs, files=2)
+    out = tmp_path / "out"
+    manifest = run(pattern, out)
+    changed = tmp_path / "raw" / "part_001.parquet"
+    write_parquet_files(tmp_path / "edited", docs[150:-1], files=1)  # its last document deleted
+    shutil.move(tmp_path / "edited" / "part_000.parquet", changed)
+    before = _snapshot(out)
+    with pytest.raises(InputError, match=f"{changed}: changed .*--overwrite"):
+        run(pattern, out)
+    assert _snapshot(out) == before
+    # interrupted: the state file of a run begun on the old input, no manifest yet
+    (out / STATE_FILE).write_text(json.dumps({"version": 2, "fingerprint": manifest["fingerprint"], "units": []}))
+    (out / "manifest.json").unlink()
+    before = _snapshot(out)
+    with pytest.raises(InputError, match=f"{changed}: changed .*--overwrite"):
+        run(pattern, out)
+    assert _snapshot(out) == before
+    redone = run(pattern, out, overwrite=True)
+    np.testing.assert_array_equal(all_tokens(redone, out), expected_stream([d for d in docs[:-1] if d["text"].strip()]))
+
+
+def test_only_temp_files_of_our_own_writes_are_cleaned(ray_cluster, corpus, reference, tmp_path):
+    _, pattern = corpus
+    theirs = {"notes.tmp": b"somebody's notes", "edu_fineweb_train_000001.bin.1.ab.tmp": b"not ours",
+              "data.raygpt2-partial": b"no target of ours"}
+    for name, content in theirs.items():
+        (tmp_path / name).write_bytes(content)
+    ours = tmp_path / f"edu_fineweb_train_000001.bin.123.abcd1234{PARTIAL_SUFFIX}"  # a killed run's shard write
+    ours.write_bytes(b"half a shard")
+    manifest = run(pattern, tmp_path)
+    assert sha256s(manifest) == sha256s(reference[0]) and not ours.exists()
+    assert {name: (tmp_path / name).read_bytes() for name in theirs} == theirs
+
+
+def test_a_jsonl_line_of_any_length(ray_cluster, tmp_path):
+    """One 10.5 MB document among short ones: Arrow's JSON blocks (1 MB) grow to hold it."""
+    docs = [d for d in make_documents(300, seed=5)[:20] if d["text"].strip()]
+    rng = np.random.default_rng(6)
+    docs[9]["text"] = " ".join(rng.choice(WORDS, size=1_900_000))
+    assert len(docs[9]["text"]) > 10_500_000
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    manifest = run(str(path), tmp_path / "out", shard_size=10**8, unit_bytes=10**9)
+    np.testing.assert_array_equal(all_tokens(manifest, tmp_path / "out"), expected_stream(docs))
+
+
 def _start(command):
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -282,7 +334,7 @@ def _copy_what_is_written(source: Path, target: Path) -> None:
     """Copy the finished files of a killed job's output. Ray stops the job's workers a moment after its
     driver dies, so one may still be renaming a temp file into place while we copy."""
     for path in source.rglob("*"):
-        if path.is_file() and not path.name.endswith(".tmp"):
+        if path.is_file() and not path.name.endswith(PARTIAL_SUFFIX):
             copy = target / path.relative_to(source)
             copy.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
