@@ -1,7 +1,7 @@
 """Encoding a work unit: read it, filter it, BPE it, and write the unit's tokens (and counters) to -o.
 
-Runs in the job's Ray actors (pipelines.worker), one GPT-2 encoder each, built once. Nothing but a few
-counters goes back to the driver: the tokens go straight to the output directory, so the job has no
+Runs in the actors of the job's Ray Data stage `Tokenize`, one GPT-2 encoder each, built once. Nothing but
+a few counters goes back to the driver: the tokens go straight to the output directory, so the job has no
 single process that every token must cross. While one unit is being encoded the next one is read on a
 thread (remote reads wait on the network, and pyarrow and tiktoken release the GIL), so the encoder
 rarely waits for input.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -20,8 +21,8 @@ import pyarrow as pa
 from pipelines.dedup import HASH_ROW
 from pipelines.filters import DROP_REASONS, FilterConfig, drop_reasons
 from pipelines.plan import WorkUnit
-from pipelines.shards import TOKEN_DTYPE
-from pipelines.sources import InputFiles
+from pipelines.shards import TOKEN_DTYPE, ShardFormatError
+from pipelines.sources import InputError, InputFiles
 from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
 from pipelines.workdir import OutputDir, unit_file
 
@@ -98,3 +99,29 @@ class UnitEncoder:
                     "dropped": dict(zip(DROP_REASONS[1:], dropped[1:].tolist(), strict=True))}
         out.write_json(unit_file(unit.index, "json"), counters)  # last: its presence marks the unit done
         return counters
+
+
+class Tokenize:
+    """The job's Ray Data stage (map_batches on an actor pool): work units in, as JSON, their counters out;
+    each unit's tokens are written to -o by the actor. The next unit of a batch is read while one encodes.
+    An input error comes back as a row naming it, not as a failed task: the driver stops the job with that
+    one line, where Ray Data would print the actor's traceback first."""
+
+    job: EncodeJob  # set by for_job: as a class attribute it travels with the class, not as a constructor
+    #                 argument in the object store (which Ray warns about for actors it may restart)
+
+    @classmethod
+    def for_job(cls, job: EncodeJob) -> type[Tokenize]:
+        return type(cls.__name__, (cls,), {"job": job})
+
+    def __init__(self):
+        self.encoder = UnitEncoder(self.job)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        units = [WorkUnit.from_dict(json.loads(unit)) for unit in batch["unit"]]
+        following = [*units[1:], None]
+        try:
+            counters = [self.encoder.encode_unit(unit, then) for unit, then in zip(units, following, strict=True)]
+        except (InputError, ShardFormatError) as err:
+            return {"counters": np.array([""]), "error": np.array([str(err)])}
+        return {"counters": np.array([json.dumps(c) for c in counters]), "error": np.array([""] * len(counters))}

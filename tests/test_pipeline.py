@@ -18,15 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.dedup import HASH_ROW, duplicate_docs, find_duplicates
-from pipelines.encode import EncodeJob
 from pipelines.files import PARTIAL_SUFFIX, atomic_write
 from pipelines.filters import FilterConfig
 from pipelines.shards import file_sha256, read_header, read_shard
-from pipelines.sources import InputError, files_from_glob
+from pipelines.sources import InputError
 from pipelines.tokenize import TokenizeConfig, tokenize
 from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
 from pipelines.workdir import PARTS_DIR, STATE_FILE, OutputDir, unit_file
-from pipelines.worker import TokenizeWorker
 from tests.conftest import REPO
 
 WORDS = ("the model reads tokens from shards and learns to predict the next one while the optimizer "
@@ -159,16 +157,12 @@ def test_dedup_shuffle_keeps_the_first_copy_in_input_order(ray_cluster, corpus, 
                 entry["tokens"] += int(row["tokens"])
                 entry["rows"].append(int(row["doc"]))
             seen.add(int(row["hash"]))
-    job = EncodeJob(files_from_glob(corpus[1]), out, FilterConfig(dedup=True), ["text"], 64)
-    workers = [ray_cluster.remote(TokenizeWorker).options(num_cpus=0.5).remote(job) for _ in range(2)]
     for partitions in (1, 3):
-        found = find_duplicates(out, list(range(units)), partitions, workers)
+        found = find_duplicates(out, list(range(units)), partitions, num_cpus=0.5)
         assert {u: (f["docs"], f["tokens"]) for u, f in found.items()} == \
             {u: (e["docs"], e["tokens"]) for u, e in expected.items()}
         for unit, entry in found.items():
             assert sorted(duplicate_docs(out, unit, entry["files"]).tolist()) == expected[unit]["rows"]
-    for worker in workers:
-        ray_cluster.kill(worker)
 
 
 def test_bytes_do_not_depend_on_workers_units_or_batches(corpus, reference, tmp_path):
