@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from ray.data import ActorPoolStrategy
 
 from pipelines.dataset import documents, write_shards
 from pipelines.sources import InputError
@@ -33,9 +34,25 @@ def quality_classifier(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.less(pc.utf8_length(batch["text"]), MAX_KEPT_CHARS))
 
 
-def test_a_user_stage_gives_the_shards_of_the_prefiltered_input(ray_cluster, corpus, tmp_path):
+class QualityModel:
+    """The same stage as a class, as a model is loaded once per actor (map_batches on an actor pool)."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return quality_classifier(batch)
+
+
+STAGES = {
+    "tasks": lambda ds: ds.map_batches(quality_classifier, batch_format="pyarrow"),
+    # fractional CPUs: an actor pool holding whole CPUs would leave none to the read and write tasks
+    "actors": lambda ds: ds.map_batches(QualityModel, batch_format="pyarrow",
+                                        compute=ActorPoolStrategy(size=2), num_cpus=0.25),
+}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_user_stage_gives_the_shards_of_the_prefiltered_input(ray_cluster, corpus, tmp_path, stage):
     docs, pattern = corpus
-    ds = documents(pattern, unit_bytes=5000).map_batches(quality_classifier, batch_format="pyarrow")
+    ds = STAGES[stage](documents(pattern, unit_bytes=5000))
     manifest = write_shards(ds, str(tmp_path / "api"), prefix="edu_fineweb", shard_size=3000)
 
     kept = [d for d in docs if d["text"].strip() and len(d["text"]) < MAX_KEPT_CHARS]
