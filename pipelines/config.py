@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from pipelines.demo import files_from_demo
 from pipelines.files import is_url, local_path
 from pipelines.filters import FilterConfig
 from pipelines.shards import MAX_SHARD_TOKENS
-from pipelines.sources import InputError, InputFiles, files_from_glob, files_from_hub
+from pipelines.sources import FINEWEB_EDU_REPO, InputError, InputFiles, files_from_glob, files_from_hub
 from pipelines.workdir import OutputDir
 
 DEMO_SHARD_SIZE = 100_000
@@ -20,7 +21,8 @@ FINEWEB_SHARD_SIZE = 100_000_000
 @dataclass
 class TokenizeConfig:
     source: str = "hub"  # hub | files | demo
-    name: str = "sample-10BT"
+    dataset: str = FINEWEB_EDU_REPO  # the hub dataset (source hub), resolved by the `datasets` library
+    name: str = "sample-10BT"  # ... and its config
     input: str | None = None
     output_dir: str | Path | None = None  # a local directory or an fsspec URL
     prefix: str | None = None
@@ -37,14 +39,16 @@ class TokenizeConfig:
 
     def __post_init__(self) -> None:
         demo = self.source == "demo"
+        fineweb = self.dataset == FINEWEB_EDU_REPO
         if self.output_dir is None:
             billions = self.name.removeprefix("sample-").removesuffix("T")
-            self.output_dir = "data/python_docs" if demo else f"data/edu_fineweb{billions}"
+            self.output_dir = "data/python_docs" if demo else f"data/edu_fineweb{billions}" if fineweb \
+                else f"data/{self._dataset_name()}_{self.name}"
         self.output_dir = str(self.output_dir)
         if demo and is_url(self.output_dir):
             raise InputError(f"-o {self.output_dir}: --source demo builds its corpus locally; give a local -o")
         if self.prefix is None:
-            self.prefix = "python_docs" if demo else "edu_fineweb"
+            self.prefix = "python_docs" if demo else "edu_fineweb" if fineweb else self._dataset_name()
         if not self.prefix or any(part in self.prefix for part in ("/", "\\", os.sep, "..", "*", "?", "[")):
             raise InputError(f"--prefix {self.prefix!r}: a shard name prefix, not a path (no '/', '..' or "
                              "wildcards); the shards go into -o")
@@ -62,6 +66,10 @@ class TokenizeConfig:
                 raise InputError(f"{flag} must be positive, got {value:g}")
 
 
+    def _dataset_name(self) -> str:
+        return re.sub(r"[^A-Za-z0-9]+", "_", self.dataset.rsplit("/", 1)[-1]).strip("_").lower() or "hub"
+
+
 def create_output_dir(out: OutputDir) -> None:
     try:
         out.makedirs()
@@ -76,4 +84,4 @@ def resolve_inputs(config: TokenizeConfig) -> InputFiles:
         return files_from_demo(local_path(config.output_dir) / "demo_source")
     if config.source == "files":
         return files_from_glob(config.input)
-    return files_from_hub(config.name)
+    return files_from_hub(config.dataset, config.name)

@@ -127,7 +127,7 @@ class Driver:
         job = EncodeJob(self.inputs, self.out, self.config.filters, columns, self.config.batch_size)
         items = [{"unit": json.dumps(unit.to_dict())} for unit in todo]
         return self.ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            Tokenize.for_job(job), batch_size=1, compute=ActorPoolStrategy(size=self.num_workers),
+            Tokenize, fn_constructor_args=(job,), batch_size=1, compute=ActorPoolStrategy(size=self.num_workers),
             num_cpus=self.cpus, **self.remote_args)
 
     def _results(self, ds):
@@ -301,7 +301,7 @@ def tokenize(config: TokenizeConfig) -> dict:
                "connect_s": connected - inputs_ready, **timings}
     manifest = {
         "fingerprint": fingerprint,
-        "source": config.source if config.source != "hub" else f"hf://datasets/HuggingFaceFW/fineweb-edu {config.name}",
+        "source": config.source if config.source != "hub" else f"hf://datasets/{config.dataset} {config.name}",
         "inputs": inputs.paths,
         "flags": asdict(config),
         "tokenizer": identity,

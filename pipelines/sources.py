@@ -25,7 +25,6 @@ from pipelines.cli import InputError
 from pipelines.retries import is_transient, with_retries
 
 FINEWEB_EDU_REPO = "HuggingFaceFW/fineweb-edu"
-FINEWEB_EDU_SAMPLES = ("sample-10BT", "sample-100BT", "sample-350BT")
 PARQUET_SUFFIXES = (".parquet",)
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 # Filter columns and their Arrow types; jsonl is parsed against these alone, so other fields never matter.
@@ -315,24 +314,28 @@ def files_from_glob(pattern: str) -> InputFiles:
     return checked_files(fs, matches)
 
 
-def files_from_hub(name: str, repo: str = FINEWEB_EDU_REPO) -> InputFiles:
-    """The parquet files of a FineWeb-Edu sample (e.g. sample-10BT -> sample/10BT/*.parquet) on the hub.
-
-    The hub is `huggingface_hub`'s endpoint (HF_ENDPOINT, default huggingface.co) as the driver sees it.
-    """
+def files_from_hub(repo: str = FINEWEB_EDU_REPO, name: str = "sample-10BT", split: str = "train") -> InputFiles:
+    """The data files of the hub dataset `repo`, builder config `name`, as the `datasets` library resolves
+    them (the `configs:` of the dataset card, or its folder layout), e.g. FineWeb-Edu's sample-10BT ->
+    sample/10BT/*.parquet; read by the job like any files. The hub is huggingface_hub's endpoint (HF_ENDPOINT,
+    default huggingface.co) as the driver sees it."""
+    import datasets
     from huggingface_hub import HfFileSystem, constants
 
-    if not name.startswith("sample-"):
-        raise InputError(f"--name {name!r}: expected one of {', '.join(FINEWEB_EDU_SAMPLES)}")
+    where = f"--dataset {repo} --name {name}"
+    try:
+        builder = with_retries(lambda: datasets.load_dataset_builder(repo, name=name), f"resolving {where}")
+    except InputError:
+        raise
+    except Exception as err:
+        raise InputError(f"{where}: cannot resolve it on the hub at {constants.ENDPOINT} ({_first_line(err)}); "
+                         "use --input for local files") from err
+    data_files = builder.config.data_files or {}
+    found = data_files.get(split) or [f for files in data_files.values() for f in files]
+    # unpinned paths (the fingerprint holds each file's blob id): the manifest names files as the hub does
+    paths = sorted(re.sub(r"^hf://|@[0-9a-f]{40}(?=/)", "", str(f)) for f in found)
+    if not paths:
+        raise InputError(f"{where}: no data files in that config")
     # A fresh instance: the cached default one would pickle without its endpoint, and a worker that
     # unpickles it would talk to its own default hub instead.
-    fs = HfFileSystem(endpoint=constants.ENDPOINT, skip_instance_cache=True)
-    folder = f"datasets/{repo}/sample/{name.removeprefix('sample-')}"
-    try:
-        matches = sorted(with_retries(lambda: fs.glob(f"{folder}/*.parquet"), f"listing hf://{folder}"))
-    except Exception as err:
-        raise InputError(f"hf://{folder}: cannot list the hub dataset at {constants.ENDPOINT} "
-                         f"({_first_line(err)}); use --input for local files") from err
-    if not matches:
-        raise InputError(f"hf://{folder}: no parquet files (check --name)")
-    return checked_files(fs, matches)
+    return checked_files(HfFileSystem(endpoint=constants.ENDPOINT, skip_instance_cache=True), paths)

@@ -29,7 +29,7 @@ from pipelines.config import TokenizeConfig
 from pipelines.filters import FilterConfig
 from pipelines.job import tokenize
 from pipelines.shards import ShardFormatError
-from pipelines.sources import FINEWEB_EDU_SAMPLES, InputError
+from pipelines.sources import FINEWEB_EDU_REPO, InputError
 
 __all__ = ["TokenizeConfig", "main", "parse_args", "tokenize"]
 
@@ -39,8 +39,10 @@ __all__ = ["TokenizeConfig", "main", "parse_args", "tokenize"]
 def parse_args(argv: list[str] | None = None) -> TokenizeConfig:
     parser = cli.ArgumentParser(prog="tokenize.py", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--name", default="sample-10BT", choices=FINEWEB_EDU_SAMPLES,
-                        help="FineWeb-Edu sample on the Hugging Face hub (default sample-10BT)")
+    parser.add_argument("--dataset", metavar="REPO",
+                        help=f"a dataset on the Hugging Face hub (default {FINEWEB_EDU_REPO})")
+    parser.add_argument("--name", metavar="CONFIG",
+                        help="its config, as `datasets` names it (default sample-10BT)")
     source.add_argument("--input", metavar="GLOB", help="local or cloud parquet / jsonl(.gz) files instead of the hub")
     source.add_argument("--source", choices=["demo"],
                         help="demo: an offline smoke corpus built from this Python's docs (NOT FineWeb)")
@@ -74,7 +76,10 @@ def parse_args(argv: list[str] | None = None) -> TokenizeConfig:
                            min_language_score=args.min_language_score, min_chars=args.min_chars,
                            max_chars=args.max_chars, dedup=args.dedup)
     source = "demo" if args.source else "files" if args.input else "hub"
-    return TokenizeConfig(source=source, name=args.name, input=args.input, output_dir=args.output_dir,
+    if source != "hub" and (args.dataset or args.name):
+        parser.error(f"{'--dataset' if args.dataset else '--name'} names a hub dataset: not with --input or --source")
+    return TokenizeConfig(source=source, dataset=args.dataset or FINEWEB_EDU_REPO, name=args.name or "sample-10BT",
+                          input=args.input, output_dir=args.output_dir,
                           prefix=args.prefix, shard_size=args.shard_size, filters=filters,
                           num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker,
                           batch_size=args.batch_size, unit_bytes=args.unit_bytes, node_resource=args.node_resource,

@@ -236,6 +236,7 @@ CASES = [
     Case("tokenize: --prefix that climbs out of -o", lambda tmp: _tokenize(tmp, "--prefix", "../../x"), "--prefix"),
     Case("tokenize: --prefix with a slash", lambda tmp: _tokenize(tmp, "--prefix", "a/b"), "--prefix"),
     Case("tokenize: empty --prefix", lambda tmp: _tokenize(tmp, "--prefix", ""), "--prefix"),
+    Case("tokenize: --dataset with --input", lambda tmp: _tokenize(tmp, "--dataset", "someone/corpus"), "--dataset"),
     Case("tokenize: --address that is not an address", lambda tmp: _tokenize(tmp, "--address", "garbage"),
          "--address garbage: not a Ray address"),
     Case("tokenize: -o a read-only directory", lambda tmp: [*_tokenize(tmp)[:3], "-o", READ_ONLY_DIR],
