@@ -1,5 +1,5 @@
-"""The command lines' shared manners: a bad flag is one line on stderr naming it, exit status 2, and an output
-path the user did not name as replaceable is never written over.
+"""The command lines' shared manners: a bad flag or input is one line on stderr naming it, exit status 2,
+and an output path the user did not name as replaceable is never written over.
 
 argparse's own error() prints the whole usage block first, which buries the one line that matters when a
 job's log is read on a dashboard; `--help` still prints it.
@@ -11,6 +11,10 @@ import argparse
 import os
 from pathlib import Path
 from typing import NoReturn
+
+
+class InputError(ValueError):
+    """Unusable input; the message names the file or flag."""
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -10,14 +10,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipelines", "gpt2", "training", "evals")
 
 
+NAMED_ADDRESSES = ("auto", "local")
+
+
 def check_listening(address: str) -> None:
-    """Raise ConnectionError at once when `address` is not a Ray address ("auto", "local", host:port or
-    ray://host:port), or nothing listens at its host:port: ray.init would wait there for minutes."""
-    if address in ("auto", "local"):
+    """Raise ConnectionError at once when `address` is not a Ray address at all, or nothing listens at its
+    host:port: ray.init would wait there for minutes before it gives up (or fail with a traceback)."""
+    if address in NAMED_ADDRESSES:
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
-        raise ConnectionError("not a Ray address (host:port, ray://host:port or auto)")
+        raise ConnectionError("not a Ray address (expected host:port, ray://host:port or auto)")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except OSError as err:
@@ -29,6 +32,20 @@ def starts_local_cluster(address: str | None) -> bool:
     import ray
 
     return address is None and "RAY_ADDRESS" not in os.environ and not ray.is_initialized()
+
+
+def check_address(address: str | None = None) -> None:
+    """The checks connect() makes before ray.init, to be made before a job creates anything: ConnectionError
+    naming the --address or RAY_ADDRESS that is not an address or where no cluster answers."""
+    import ray
+
+    if starts_local_cluster(address) or ray.is_initialized():
+        return
+    try:
+        check_listening(address or os.environ["RAY_ADDRESS"])
+    except ConnectionError as err:
+        given = f"--address {address}" if address else f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
+        raise ConnectionError(f"{given}: {err}") from err
 
 
 def connect(address: str | None = None) -> None:
@@ -47,10 +64,6 @@ def connect(address: str | None = None) -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         ray.init("local", log_to_driver=True)
         return
+    check_address(address)
     modules = [str(REPO_ROOT / name) for name in PACKAGES if (REPO_ROOT / name / "__init__.py").exists()]
-    try:
-        check_listening(address or os.environ["RAY_ADDRESS"])
-        ray.init(address=address, runtime_env={"py_modules": modules}, log_to_driver=True)
-    except ConnectionError as err:
-        given = f"--address {address}" if address else f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
-        raise ConnectionError(f"{given}: {err}") from err
+    ray.init(address=address, runtime_env={"py_modules": modules}, log_to_driver=True)

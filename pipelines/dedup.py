@@ -1,7 +1,7 @@
 """--dedup as a distributed step: exact duplicates by text hash, the first occurrence in input order kept.
 
 Every unit wrote (hash, unit, doc, tokens) for each document that passed the filters. A hash shuffle over
-Ray's object store, run on the job's workers, brings all copies of a text together: map calls split groups
+Ray's object store, in Ray tasks, brings all copies of a text together: map calls split groups
 of units' rows into partitions by hash, and each reduce call sorts one partition by (hash, unit, doc) —
 input order — and marks every copy after the first. Each reduce writes its duplicates (unit, doc) to one
 file and returns per-unit counts, so no process ever holds the set of hashes; the result equals a
@@ -56,19 +56,19 @@ def duplicate_docs(out: OutputDir, unit: int, files: tuple[str, ...]) -> np.ndar
     return rows["doc"][rows["unit"] == unit]
 
 
-def find_duplicates(out: OutputDir, units: list[int], partitions: int, workers: list) -> dict[int, dict]:
+def find_duplicates(out: OutputDir, units: list[int], partitions: int, **remote_args) -> dict[int, dict]:
     """unit -> {"docs", "tokens" (dropped), "files" (holding its duplicates)}, for units with duplicates.
-    `workers`: actors with partition_hashes and later_copies methods (pipelines.worker)."""
+    The map and reduce steps are Ray tasks with `remote_args` (CPUs, custom resources)."""
     import ray
 
     for name in out.glob(f"{PARTS_DIR}/duplicates_*.npy"):  # an earlier attempt's, perhaps partitioned otherwise
         out.remove(name)
     groups = [g.tolist() for g in np.array_split(np.asarray(units), min(len(units), partitions)) if g.size]
-    mapped = [workers[i % len(workers)].partition_hashes.options(num_returns=partitions).remote(group, partitions)
-              for i, group in enumerate(groups)]
+    split = ray.remote(partition_hashes).options(num_returns=partitions, **remote_args)
+    mapped = [split.remote(out, group, partitions) for group in groups]
     mapped = [refs if partitions > 1 else [refs] for refs in mapped]
-    reduced = [workers[p % len(workers)].later_copies.remote(p, *[refs[p] for refs in mapped])
-               for p in range(partitions)]
+    reduce = ray.remote(later_copies).options(**remote_args)
+    reduced = [reduce.remote(out, p, *[refs[p] for refs in mapped]) for p in range(partitions)]
     found: dict[int, dict] = {}
     for result in ray.get(reduced):
         for unit, (docs, tokens) in result["units"].items():

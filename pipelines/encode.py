@@ -1,17 +1,15 @@
 """Encoding a work unit: read it, filter it, BPE it, and write the unit's tokens (and counters) to -o.
 
-Runs in the job's Ray actors (pipelines.worker), one GPT-2 encoder each, built once. Nothing but a few
-counters goes back to the driver: the tokens go straight to the output directory, so the job has no
-single process that every token must cross. While one unit is being encoded the next one is read on a
-thread (remote reads wait on the network, and pyarrow and tiktoken release the GIL), so the encoder
-rarely waits for input.
+Runs in the actors of the job's Ray Data stage `Tokenize`, one GPT-2 encoder each, built once. Nothing but
+a few counters goes back to the driver: the tokens go straight to the output directory, so the job has no
+single process that every token must cross.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from concurrent.futures import Future, ThreadPoolExecutor
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,8 +18,8 @@ import pyarrow as pa
 from pipelines.dedup import HASH_ROW
 from pipelines.filters import DROP_REASONS, FilterConfig, drop_reasons
 from pipelines.plan import WorkUnit
-from pipelines.shards import TOKEN_DTYPE
-from pipelines.sources import InputFiles
+from pipelines.shards import TOKEN_DTYPE, ShardFormatError
+from pipelines.sources import InputError, InputFiles
 from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
 from pipelines.workdir import OutputDir, unit_file
 
@@ -51,20 +49,11 @@ class UnitEncoder:
         # encode_ordinary's tokens as a uint32 array: tiktoken documents encode(text, disallowed_special=())
         # as equal to encode_ordinary, and the array skips building a Python int per token (~10% of the CPU)
         self.encode = functools.partial(encoding.encode_to_numpy, disallowed_special=())
-        self.reader = ThreadPoolExecutor(1)
-        self.prefetched: dict[int, Future] = {}
 
-    def encode_unit(self, unit: WorkUnit, prefetch: WorkUnit | None = None) -> dict:
-        """Encode `unit` and write it; start reading `prefetch` (this worker's next unit) meanwhile.
-        Returns the unit's counters, which are also written beside its tokens."""
-        pending = self.prefetched.pop(unit.index, None)
-        if prefetch is not None and prefetch.index not in self.prefetched:
-            self.prefetched[prefetch.index] = self.reader.submit(self._read, prefetch)
-        tables = pending.result() if pending is not None else self._read(unit)
+    def encode_unit(self, unit: WorkUnit) -> dict:
+        """Read, filter and encode `unit` and write it; returns its counters (also written beside its tokens)."""
+        tables = [self.job.inputs.read(piece, self.job.columns, self.job.batch_rows) for piece in unit.pieces]
         return self._encode_and_write(unit, tables)
-
-    def _read(self, unit: WorkUnit) -> list[pa.Table]:
-        return [self.job.inputs.read(piece, self.job.columns, self.job.batch_rows) for piece in unit.pieces]
 
     def _encode_and_write(self, unit: WorkUnit, tables: list[pa.Table]) -> dict:
         dedup = self.job.filters.dedup
@@ -98,3 +87,20 @@ class UnitEncoder:
                     "dropped": dict(zip(DROP_REASONS[1:], dropped[1:].tolist(), strict=True))}
         out.write_json(unit_file(unit.index, "json"), counters)  # last: its presence marks the unit done
         return counters
+
+
+class Tokenize:
+    """The job's Ray Data stage (map_batches on an actor pool): work units in, as JSON, their counters out;
+    each unit's tokens are written to -o by the actor. An input error comes back as a row naming it, not as
+    a failed task: the driver stops the job with that one line, where Ray Data would print a traceback."""
+
+    def __init__(self, job: EncodeJob):
+        self.encoder = UnitEncoder(job)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        units = [WorkUnit.from_dict(json.loads(unit)) for unit in batch["unit"]]
+        try:
+            counters = [self.encoder.encode_unit(unit) for unit in units]
+        except (InputError, ShardFormatError) as err:
+            return {"counters": np.array([""]), "error": np.array([str(err)])}
+        return {"counters": np.array([json.dumps(c) for c in counters]), "error": np.array([""] * len(counters))}

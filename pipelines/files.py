@@ -35,9 +35,17 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
+PARTIAL_SUFFIX = ".raygpt2-partial"  # only atomic_write makes names ending so: only those are ever cleaned up
+
+
+def partial_pattern(name: str) -> str:
+    """A glob for the temp files atomic_write leaves beside `name` when it is killed mid-write."""
+    return f"{name}.*{PARTIAL_SUFFIX}"
+
+
 def _partial_name(name: str) -> str:
     # pid alone is not unique on a cluster: a retried task on another node may write the same target
-    return f"{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    return f"{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}"
 
 
 @contextmanager

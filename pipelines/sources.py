@@ -1,107 +1,37 @@
-"""Where documents come from: the FineWeb-Edu hub dataset, local or cloud files, or the offline demo corpus.
+"""Where documents come from: the FineWeb-Edu hub dataset or local or cloud files (the demo corpus: demo.py).
 
 Every source resolves to a sorted list of parquet or jsonl files plus the filesystem to read them with, so the
-job has one code path and a stable document order. Reading is where remote storage fails (HTTP 429 from a
-throttled hub, 5xx, dropped connections): every remote call here is retried with backoff, and an error that
-is not transient becomes one InputError naming the file and, where known, the row or line.
+job has one code path and a stable document order. Every remote call here is retried (pipelines.retries), and
+an error that is not transient becomes one InputError naming the file and, where known, the row or line.
 """
 
 from __future__ import annotations
 
-import ast
 import glob
 import gzip
 import json
-import random
 import re
-import sys
-import sysconfig
-import time
 import zlib
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.cli import InputError
+from pipelines.retries import is_transient, with_retries
+
 FINEWEB_EDU_REPO = "HuggingFaceFW/fineweb-edu"
-FINEWEB_EDU_SAMPLES = ("sample-10BT", "sample-100BT", "sample-350BT")
 PARQUET_SUFFIXES = (".parquet",)
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-DEMO_FILES = 4
 # Filter columns and their Arrow types; jsonl is parsed against these alone, so other fields never matter.
 SCORE_COLUMNS = {"int_score": pa.int64(), "score": pa.float64(), "language_score": pa.float64()}
+JSON_BLOCK_BYTES = 1 << 20  # Arrow's default block; a block is made bigger where one line is longer
 INSPECT_THREADS = 16  # footers are tiny remote reads: latency-bound, so many at once
-
-# Retries of remote reads: a whole call again after 0.5 s, 1 s, 2 s, ... (capped, jittered). Generous,
-# because a throttled hub answers 429 for minutes and a job of hours must not die of it.
-RETRY_ATTEMPTS = 8
-RETRY_FIRST_WAIT_S = 0.5
-RETRY_MAX_WAIT_S = 30.0
-TRANSIENT_HTTP_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, pa.ArrowException)  # what corrupt input raises
-
-Result = TypeVar("Result")
-
-
-class InputError(ValueError):
-    """Unusable input; the message names the file or flag."""
-
-
-def _http_status(err: BaseException) -> int | None:
-    response = getattr(err, "response", None)
-    return getattr(response, "status_code", None) or getattr(err, "status", None)
-
-
-def _transient_types() -> tuple[type[BaseException], ...]:
-    """Errors of a connection that was made and then failed. Not failing to connect at all (no DNS, no
-    route, refused): huggingface_hub already retried those, and a host that cannot be reached stays so."""
-    types: list[type[BaseException]] = [ConnectionResetError, BrokenPipeError, TimeoutError]
-    for module in ("httpx2", "httpx"):  # huggingface_hub's HTTP client; its errors are not OSErrors
-        if client := sys.modules.get(module):
-            types += [client.TimeoutException, client.ReadError, client.WriteError, client.RemoteProtocolError]
-    return tuple(types)
-
-
-def is_transient(err: BaseException) -> bool:
-    """Throttling, a server error or a dropped connection, anywhere in the exception's chain."""
-    seen: BaseException | None = err
-    while seen is not None:
-        if _http_status(seen) in TRANSIENT_HTTP_STATUS or isinstance(seen, _transient_types()):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def with_retries(call: Callable[[], Result], what: str) -> Result:
-    """`call()`, again with exponential backoff while it fails transiently; `what` names it in the notes.
-    Still failing after the last attempt, it is one InputError line: a rerun resumes where the job stopped."""
-    attempt = 1
-    while True:
-        try:
-            return call()
-        except Exception as err:
-            if not is_transient(err):
-                raise
-            if attempt == RETRY_ATTEMPTS:
-                raise InputError(f"{what}: still failing after {RETRY_ATTEMPTS} attempts ({_short(err)}); "
-                                 "rerun the same command to resume") from err
-            wait = min(RETRY_MAX_WAIT_S, RETRY_FIRST_WAIT_S * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
-            print(f"note: {what}: {_short(err)}; retry {attempt}/{RETRY_ATTEMPTS - 1} in {wait:.1f}s",
-                  file=sys.stderr)
-            time.sleep(wait)
-            attempt += 1
-
-
-def _short(err: BaseException) -> str:
-    status = _http_status(err)
-    text = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return f"HTTP {status}" if status else text[:200]
-
 
 @dataclass(frozen=True)
 class Piece:
@@ -125,6 +55,7 @@ class InputFiles:
     columns: list[str]  # columns present in the first file, for the filters that depend on them
     # per file: (rows, uncompressed text bytes) of each parquet row group; one (-1, file bytes) for jsonl
     row_groups: list[list[tuple[int, int]]]
+    identities: list[dict]  # per file: what tells a changed file from the one a run began with (file_identity)
 
     def read(self, piece: Piece, columns: list[str], batch_rows: int) -> pa.Table:
         """The piece's rows (text and the filter columns), retried while the storage fails transiently."""
@@ -183,6 +114,19 @@ def _first_json_record(fs: fsspec.AbstractFileSystem, path: str) -> dict:
 def _check_text_type(path: str, text_type: pa.DataType) -> None:
     if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or pa.types.is_null(text_type)):
         raise InputError(f"{path}: column 'text' is {text_type}, not a string")
+
+
+IDENTITY_FIELDS = ("mtime", "ETag", "etag", "md5Hash", "generation", "blob_id", "LastModified", "last_modified")
+
+
+def file_identity(info: dict) -> dict:
+    """Size and whatever the filesystem changes when the content changes: a local file's modification time,
+    an object's etag or generation, a hub file's blob id and LFS sha256."""
+    identity = {"size": info.get("size")}
+    identity.update({key: str(info[key]) for key in IDENTITY_FIELDS if info.get(key) is not None})
+    if isinstance(info.get("lfs"), dict) and info["lfs"].get("sha256"):
+        identity["sha256"] = info["lfs"]["sha256"]
+    return identity
 
 
 def _inspect(fs: fsspec.AbstractFileSystem, path: str, file_format: str) -> tuple[list[str], list[tuple[int, int]]]:
@@ -270,17 +214,27 @@ def _read_json(fs: fsspec.AbstractFileSystem, path: str, columns: list[str],
     try:
         if byte_range is None:
             with _open_text_lines(fs, path) as stream:
-                return pj.read_json(stream, parse_options=options)
-        with fs.open(path, "rb") as f:
-            start, end = (_line_start(f, offset) for offset in byte_range)
-            f.seek(start)
-            lines = f.read(end - start)
-        # a range inside one long line holds no line start: no rows
-        return pj.read_json(pa.BufferReader(lines), parse_options=options) if lines else schema.empty_table()
+                lines = stream.read()
+        else:
+            with fs.open(path, "rb") as f:
+                start, end = (_line_start(f, offset) for offset in byte_range)
+                f.seek(start)
+                lines = f.read(end - start)
+        if not lines:  # a range inside one long line holds no line start: no rows
+            return schema.empty_table()
+        # Arrow parses in blocks and refuses a line longer than one: make a block hold the longest line
+        block_size = max(JSON_BLOCK_BYTES, _longest_line(lines) + 1)
+        return pj.read_json(pa.BufferReader(lines), parse_options=options,
+                            read_options=pj.ReadOptions(block_size=block_size))
     except READ_ERRORS as err:
         if is_transient(err):
             raise
         raise InputError(f"{path}: {_locate_json_error(fs, path, schema.names) or _first_line(err)}") from err
+
+
+def _longest_line(data: bytes) -> int:
+    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n"))
+    return int(np.diff(ends, prepend=-1, append=len(data)).max())
 
 
 def _locate_json_error(fs: fsspec.AbstractFileSystem, path: str, columns: list[str]) -> str | None:
@@ -324,14 +278,15 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)
 
 
-def _checked(fs: fsspec.AbstractFileSystem, paths: list[str]) -> InputFiles:
+def checked_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> InputFiles:
     formats = {_format_of(p) for p in paths}
     if len(formats) > 1:
         raise InputError(f"inputs mix parquet and json files ({paths[0]} ...): give one format per run")
     (file_format,) = formats
 
-    def inspect(path: str) -> tuple[list[str], list[tuple[int, int]]]:
-        return with_retries(lambda: _inspect(fs, path, file_format), f"reading the footer of {path}")
+    def inspect(path: str) -> tuple[list[str], list[tuple[int, int]], dict]:
+        columns, row_groups = with_retries(lambda: _inspect(fs, path, file_format), f"reading the footer of {path}")
+        return columns, row_groups, file_identity(with_retries(lambda: fs.info(path), f"looking up {path}"))
 
     with ThreadPoolExecutor(min(INSPECT_THREADS, len(paths))) as pool:
         inspected = list(pool.map(inspect, paths))
@@ -340,7 +295,8 @@ def _checked(fs: fsspec.AbstractFileSystem, paths: list[str]) -> InputFiles:
         format=file_format,
         filesystem=fs,
         columns=inspected[0][0],
-        row_groups=[row_groups for _, row_groups in inspected],
+        row_groups=[row_groups for _, row_groups, _ in inspected],
+        identities=[identity for _, _, identity in inspected],
     )
 
 
@@ -355,67 +311,31 @@ def files_from_glob(pattern: str) -> InputFiles:
     matches = [m for m in matches if not fs.isdir(m)]
     if not matches:
         raise InputError(f"--input {pattern!r} matched no files")
-    return _checked(fs, matches)
+    return checked_files(fs, matches)
 
 
-def files_from_hub(name: str, repo: str = FINEWEB_EDU_REPO) -> InputFiles:
-    """The parquet files of a FineWeb-Edu sample (e.g. sample-10BT -> sample/10BT/*.parquet) on the hub.
-
-    The hub is `huggingface_hub`'s endpoint (HF_ENDPOINT, default huggingface.co) as the driver sees it.
-    """
+def files_from_hub(repo: str = FINEWEB_EDU_REPO, name: str = "sample-10BT", split: str = "train") -> InputFiles:
+    """The data files of the hub dataset `repo`, builder config `name`, as the `datasets` library resolves
+    them (the `configs:` of the dataset card, or its folder layout), e.g. FineWeb-Edu's sample-10BT ->
+    sample/10BT/*.parquet; read by the job like any files. The hub is huggingface_hub's endpoint (HF_ENDPOINT,
+    default huggingface.co) as the driver sees it."""
+    import datasets
     from huggingface_hub import HfFileSystem, constants
 
-    if not name.startswith("sample-"):
-        raise InputError(f"--name {name!r}: expected one of {', '.join(FINEWEB_EDU_SAMPLES)}")
+    where = f"--dataset {repo} --name {name}"
+    try:
+        builder = with_retries(lambda: datasets.load_dataset_builder(repo, name=name), f"resolving {where}")
+    except InputError:
+        raise
+    except Exception as err:
+        raise InputError(f"{where}: cannot resolve it on the hub at {constants.ENDPOINT} ({_first_line(err)}); "
+                         "use --input for local files") from err
+    data_files = builder.config.data_files or {}
+    found = data_files.get(split) or [f for files in data_files.values() for f in files]
+    # unpinned paths (the fingerprint holds each file's blob id): the manifest names files as the hub does
+    paths = sorted(re.sub(r"^hf://|@[0-9a-f]{40}(?=/)", "", str(f)) for f in found)
+    if not paths:
+        raise InputError(f"{where}: no data files in that config")
     # A fresh instance: the cached default one would pickle without its endpoint, and a worker that
     # unpickles it would talk to its own default hub instead.
-    fs = HfFileSystem(endpoint=constants.ENDPOINT, skip_instance_cache=True)
-    folder = f"datasets/{repo}/sample/{name.removeprefix('sample-')}"
-    try:
-        matches = sorted(with_retries(lambda: fs.glob(f"{folder}/*.parquet"), f"listing hf://{folder}"))
-    except Exception as err:
-        raise InputError(f"hf://{folder}: cannot list the hub dataset at {constants.ENDPOINT} "
-                         f"({_first_line(err)}); use --input for local files") from err
-    if not matches:
-        raise InputError(f"hf://{folder}: no parquet files (check --name)")
-    return _checked(fs, matches)
-
-
-def python_docs_documents() -> list[dict[str, str]]:
-    """Real English prose found on any machine: the installed Python's help topics and stdlib docstrings."""
-    from pydoc_data.topics import topics
-
-    documents = [{"id": f"pydoc:{name}", "text": topics[name]} for name in sorted(topics)]
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    skipped_dirs = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
-    for path in sorted(stdlib.rglob("*.py")):
-        if skipped_dirs.intersection(path.relative_to(stdlib).parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        module = ".".join(path.relative_to(stdlib).with_suffix("").parts)
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                docstring = ast.get_docstring(node)
-                if docstring:
-                    documents.append({"id": f"{module}:{getattr(node, 'name', '')}", "text": docstring})
-    return documents
-
-
-def files_from_demo(directory: Path) -> InputFiles:
-    """Write the smoke corpus (NOT FineWeb) as a few parquet files once, then read it like any input."""
-    from pipelines.files import atomic_write
-
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = [directory / f"python_docs_{i:02d}.parquet" for i in range(DEMO_FILES)]
-    if not all(p.exists() for p in paths):
-        documents = python_docs_documents()
-        per_file = -(-len(documents) // DEMO_FILES)
-        for i, path in enumerate(paths):
-            part = documents[i * per_file:(i + 1) * per_file]
-            table = pa.Table.from_pylist(part, schema=pa.schema([("id", pa.string()), ("text", pa.string())]))
-            with atomic_write(path) as f:
-                pq.write_table(table, f, row_group_size=256)  # small row groups, as real dumps often have
-    return _checked(fsspec.filesystem("file"), [str(p.resolve()) for p in paths])
+    return checked_files(HfFileSystem(endpoint=constants.ENDPOINT, skip_instance_cache=True), paths)

@@ -19,17 +19,27 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import Any
 
 import fsspec
 
-from pipelines.files import atomic_write, is_url, local_path, write_json
+from pipelines.files import atomic_write, is_url, local_path, partial_pattern, write_json
+from pipelines.plan import WorkUnit
+from pipelines.shards import ShardFormatError, read_header
 from pipelines.sources import InputError
 
 MANIFEST_FILE = "manifest.json"
 STATE_FILE = "tokenize_state.json"
 PARTS_DIR = "tokenize_parts"
+STATE_VERSION = 2  # version 1 state files (one ordered writer) cannot be resumed by this code
+
+
+def shard_pattern(prefix: str = "*") -> str:
+    """A glob for the shards named by pipelines.shards.shard_name with `prefix`."""
+    return f"{prefix}_*_[0-9][0-9][0-9][0-9][0-9][0-9].bin"
 
 
 def unit_file(unit: int, kind: str) -> str:
@@ -73,6 +83,23 @@ class OutputDir:
         if self.fs.exists(self._target("")) and not self.fs.isdir(self._target("")):
             raise InputError(f"-o {self.location}: is a file, not a directory")
 
+    def check_writable(self) -> None:
+        """A local -o that cannot take a file is one line before the job starts (an unnamed temp file, so
+        nothing appears in it); an object store says so at the first write."""
+        if is_url(self.location):
+            return
+        try:
+            tempfile.TemporaryFile(dir=self.location).close()
+        except OSError as err:
+            raise InputError(f"-o {self.location}: cannot write there ({err.strerror or err})") from err
+
+    def remove_partial_writes(self, prefix: str) -> None:
+        """Remove the temp files that writes of a killed run left (pipelines.files names them so), beside the
+        names this pipeline writes and nowhere else: anything else in -o is not ours to delete."""
+        for name in (MANIFEST_FILE, STATE_FILE, shard_pattern(prefix), f"{PARTS_DIR}/*"):
+            for partial in self.glob(partial_pattern(name)):
+                self.remove(partial)
+
     def makedirs(self, name: str = "") -> None:
         self.fs.makedirs(self._target(name), exist_ok=True)
 
@@ -114,3 +141,101 @@ class OutputDir:
         if not isinstance(payload, dict):
             raise InputError(f"{path}: not a JSON object; fix or delete it, or pass --overwrite")
         return payload
+
+
+# ---- -o before a run: refuse, finish, resume or start ----------------------------------------------------------
+
+def refuse_unknown_shards(out: OutputDir) -> None:
+    """Shards with neither our manifest nor our state file beside them (llm.c's fineweb.py output, or a run
+    whose manifest was deleted) are somebody's data that nothing here can verify: never replace them."""
+    if out.exists(MANIFEST_FILE) or out.exists(STATE_FILE):
+        return
+    if found := out.glob(shard_pattern()):
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        raise InputError(f"{out}: already holds shards ({found[0]}{more}) but no {MANIFEST_FILE} or "
+                         f"{STATE_FILE} of this pipeline; use another --output-dir, or --overwrite to discard them")
+
+
+def discard_previous_run(out: OutputDir) -> None:
+    for name in (MANIFEST_FILE, STATE_FILE, PARTS_DIR, *out.glob(shard_pattern())):
+        out.remove(name)
+
+
+def _read_same_run(out: OutputDir, name: str, fingerprint: dict, what: str) -> dict:
+    """JSON file `name` of `out`, refused unless it was written by a run with these inputs and flags."""
+    payload = out.read_json(name)
+    recorded = payload.get("fingerprint")
+    if recorded != fingerprint:
+        if isinstance(recorded, dict) and {**recorded, "identities": None} == {**fingerprint, "identities": None}:
+            changed = next((path for path, was, now in zip(fingerprint["inputs"], recorded["identities"] or [],
+                                                            fingerprint["identities"], strict=False) if was != now),
+                           fingerprint["inputs"][0])
+            raise InputError(f"{changed}: changed (size or modification time) since {what} in {out} read it; "
+                             "pass --overwrite to tokenize the inputs again")
+        raise InputError(f"{out.path(name)}: {what} with different inputs or flags is here; "
+                         "use another --output-dir or pass --overwrite")
+    return payload
+
+
+def finished_manifest(out: OutputDir, fingerprint: dict) -> dict | None:
+    """The manifest of a finished identical run (shards checked by header and size), if there is one."""
+    if not out.exists(MANIFEST_FILE):
+        return None
+    manifest = _read_same_run(out, MANIFEST_FILE, fingerprint, "a finished run")
+    for shard in manifest["shards"]:
+        if read_header(out.path(shard["name"])) != shard["tokens"]:
+            raise ShardFormatError(f"{out.path(shard['name'])}: token count differs from {out.path(MANIFEST_FILE)}")
+    for leftover in (STATE_FILE, PARTS_DIR):  # a run killed after its manifest was written
+        out.remove(leftover)
+    return manifest
+
+
+def recorded_units(out: OutputDir, fingerprint: dict) -> list[WorkUnit] | None:
+    """The work units of the unfinished run in `out` (same flags only); None if there is none."""
+    if not out.exists(STATE_FILE):
+        return None
+    state = _read_same_run(out, STATE_FILE, fingerprint, "an unfinished run")
+    if state.get("version") != STATE_VERSION:
+        raise InputError(f"{out.path(STATE_FILE)}: left by an older version of this pipeline, which cannot "
+                         "be resumed; pass --overwrite to start again")
+    return [WorkUnit.from_dict(unit) for unit in state["units"]]
+
+
+def record_units(out: OutputDir, fingerprint: dict, units: list[WorkUnit]) -> None:
+    """Start a run: the state file, written once, names its flags and its work units."""
+    out.remove(PARTS_DIR)  # nothing in it can belong to a run without a state file
+    out.makedirs(PARTS_DIR)
+    out.write_json(STATE_FILE, {"version": STATE_VERSION, "fingerprint": fingerprint,
+                                "units": [unit.to_dict() for unit in units]})
+
+
+def finished_work(out: OutputDir) -> tuple[dict[int, dict], dict[int, dict]]:
+    """What a killed run left done, re-verified cheaply: unit -> its counters (tokens file whole, or deleted
+    after its shards were written) and shard index -> its manifest entry (header matching the record)."""
+
+    def finished_unit(name: str) -> dict | None:
+        counters = out.read_json(name)
+        tokens = unit_file(counters["unit"], "tokens")
+        if not out.exists(tokens):  # its counters came after it: deleted once its shards were written
+            return counters
+        return counters if out.size(tokens) == 2 * counters["tokens"] else None
+
+    def written_shards(name: str) -> dict[int, dict]:
+        record = out.read_json(name)
+        entries = {record["first"] + k: entry for k, entry in enumerate(record["shards"])}
+        try:
+            if all(read_header(out.path(e["name"])) == e["tokens"] for e in entries.values()):
+                return entries
+        except ShardFormatError:
+            pass
+        return {}
+
+    units: dict[int, dict] = {}
+    shards: dict[int, dict] = {}
+    with ThreadPoolExecutor(16) as pool:  # remote storage: many small reads at once
+        for counters in pool.map(finished_unit, out.glob(f"{PARTS_DIR}/unit_*.json")):
+            if counters is not None:
+                units[counters["unit"]] = counters
+        for entries in pool.map(written_shards, out.glob(f"{PARTS_DIR}/shards_*.json")):
+            shards.update(entries)
+    return units, shards

@@ -126,6 +126,7 @@ def _checkpoint(tmp: Path) -> Path:
 
 
 GOOD_EXAMPLE = {"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 0}
+READ_ONLY_DIR = "/sys/kernel"  # sysfs refuses new files even to root, as tests here often run
 NOTHING_LISTENS = "127.0.0.1:9"  # the discard port: no Ray cluster there, and ray.init would wait minutes on it
 
 
@@ -230,6 +231,16 @@ CASES = [
     Case("run.py: -h 1 with a malformed --hellaswag-file",
          lambda tmp: ["training/run.py", *_engine_flags(_shards(tmp), tmp / "run", "-h", "1", "--hellaswag-file",
                                                         str(_malformed_hellaswag(tmp)))], "hellaswag.jsonl:2"),
+    Case("tokenize: --prefix that climbs out of -o", lambda tmp: _tokenize(tmp, "--prefix", "../../x"), "--prefix"),
+    Case("tokenize: --prefix with a slash", lambda tmp: _tokenize(tmp, "--prefix", "a/b"), "--prefix"),
+    Case("tokenize: empty --prefix", lambda tmp: _tokenize(tmp, "--prefix", ""), "--prefix"),
+    Case("tokenize: --dataset with --input", lambda tmp: _tokenize(tmp, "--dataset", "someone/corpus"), "--dataset"),
+    Case("tokenize: --address that is not an address", lambda tmp: _tokenize(tmp, "--address", "garbage"),
+         "--address garbage: not a Ray address"),
+    Case("tokenize: -o a read-only directory", lambda tmp: [*_tokenize(tmp)[:3], "-o", READ_ONLY_DIR],
+         f"-o {READ_ONLY_DIR}: cannot write there"),
+    Case("tokenize: -o inside a read-only directory",
+         lambda tmp: [*_tokenize(tmp)[:3], "-o", f"{READ_ONLY_DIR}/shards"], f"-o {READ_ONLY_DIR}/shards"),
     Case("tokenize: --address where nothing listens", lambda tmp: _tokenize(tmp, "--address", NOTHING_LISTENS),
          f"--address {NOTHING_LISTENS}: no Ray cluster answers there"),
     Case("run.py: --address where nothing listens", _engine("training/run.py", "--address", NOTHING_LISTENS),

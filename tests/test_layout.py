@@ -12,8 +12,8 @@ PACKAGES = ("pipelines", "gpt2", "training", "evals")
 ALLOWED = {"pipelines": set(), "gpt2": {"pipelines"}, "evals": {"pipelines", "gpt2"},
            "training": {"pipelines", "gpt2", "evals"}}
 # Modules that connect to Ray; everything else runs where Ray is not installed (the GPU box has none).
-LAUNCHERS = {"pipelines.tokenize", "pipelines.cluster", "training.run", "training.run_hellaswag", "training.spot_watch",
-             "evals.parallel", "evals.hellaswag"}
+LAUNCHERS = {"pipelines.tokenize", "pipelines.cluster", "pipelines.dataset", "training.run", "training.run_hellaswag",
+             "training.spot_watch", "evals.parallel", "evals.hellaswag"}
 
 
 def _modules() -> list[str]:

@@ -18,15 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.dedup import HASH_ROW, duplicate_docs, find_duplicates
-from pipelines.encode import EncodeJob
-from pipelines.files import atomic_write
+from pipelines.files import PARTIAL_SUFFIX, atomic_write
 from pipelines.filters import FilterConfig
 from pipelines.shards import file_sha256, read_header, read_shard
-from pipelines.sources import InputError, files_from_glob
+from pipelines.sources import InputError
 from pipelines.tokenize import TokenizeConfig, tokenize
 from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
 from pipelines.workdir import PARTS_DIR, STATE_FILE, OutputDir, unit_file
-from pipelines.worker import TokenizeWorker
 from tests.helpers import REPO
 
 WORDS = ("the model reads tokens from shards and learns to predict the next one while the optimizer "
@@ -159,16 +157,12 @@ def test_dedup_shuffle_keeps_the_first_copy_in_input_order(ray_cluster, corpus, 
                 entry["tokens"] += int(row["tokens"])
                 entry["rows"].append(int(row["doc"]))
             seen.add(int(row["hash"]))
-    job = EncodeJob(files_from_glob(corpus[1]), out, FilterConfig(dedup=True), ["text"], 64)
-    workers = [ray_cluster.remote(TokenizeWorker).options(num_cpus=0.5).remote(job) for _ in range(2)]
     for partitions in (1, 3):
-        found = find_duplicates(out, list(range(units)), partitions, workers)
+        found = find_duplicates(out, list(range(units)), partitions, num_cpus=0.5)
         assert {u: (f["docs"], f["tokens"]) for u, f in found.items()} == \
             {u: (e["docs"], e["tokens"]) for u, e in expected.items()}
         for unit, entry in found.items():
             assert sorted(duplicate_docs(out, unit, entry["files"]).tolist()) == expected[unit]["rows"]
-    for worker in workers:
-        ray_cluster.kill(worker)
 
 
 def test_bytes_do_not_depend_on_workers_units_or_batches(corpus, reference, tmp_path):
@@ -264,6 +258,58 @@ def test_rerun_is_a_noop_and_other_flags_are_refused(corpus, reference, tmp_path
     assert redone["total_tokens"] == first["total_tokens"] and len(redone["shards"]) < len(first["shards"])
 
 
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_changed_input_is_refused_finished_or_interrupted(ray_cluster, tmp_path):
+    docs = make_documents(300, seed=4)
+    pattern = write_parquet_files(tmp_path / "raw", docs, files=2)
+    out = tmp_path / "out"
+    manifest = run(pattern, out)
+    changed = tmp_path / "raw" / "part_001.parquet"
+    write_parquet_files(tmp_path / "edited", docs[150:-1], files=1)  # its last document deleted
+    shutil.move(tmp_path / "edited" / "part_000.parquet", changed)
+    before = _snapshot(out)
+    with pytest.raises(InputError, match=f"{changed}: changed .*--overwrite"):
+        run(pattern, out)
+    assert _snapshot(out) == before
+    # interrupted: the state file of a run begun on the old input, no manifest yet
+    (out / STATE_FILE).write_text(json.dumps({"version": 2, "fingerprint": manifest["fingerprint"], "units": []}))
+    (out / "manifest.json").unlink()
+    before = _snapshot(out)
+    with pytest.raises(InputError, match=f"{changed}: changed .*--overwrite"):
+        run(pattern, out)
+    assert _snapshot(out) == before
+    redone = run(pattern, out, overwrite=True)
+    np.testing.assert_array_equal(all_tokens(redone, out), expected_stream([d for d in docs[:-1] if d["text"].strip()]))
+
+
+def test_only_temp_files_of_our_own_writes_are_cleaned(ray_cluster, corpus, reference, tmp_path):
+    _, pattern = corpus
+    theirs = {"notes.tmp": b"somebody's notes", "edu_fineweb_train_000001.bin.1.ab.tmp": b"not ours",
+              "data.raygpt2-partial": b"no target of ours"}
+    for name, content in theirs.items():
+        (tmp_path / name).write_bytes(content)
+    ours = tmp_path / f"edu_fineweb_train_000001.bin.123.abcd1234{PARTIAL_SUFFIX}"  # a killed run's shard write
+    ours.write_bytes(b"half a shard")
+    manifest = run(pattern, tmp_path)
+    assert sha256s(manifest) == sha256s(reference[0]) and not ours.exists()
+    assert {name: (tmp_path / name).read_bytes() for name in theirs} == theirs
+
+
+def test_a_jsonl_line_of_any_length(ray_cluster, tmp_path):
+    """One 10.5 MB document among short ones: Arrow's JSON blocks (1 MB) grow to hold it."""
+    docs = [d for d in make_documents(300, seed=5)[:20] if d["text"].strip()]
+    rng = np.random.default_rng(6)
+    docs[9]["text"] = " ".join(rng.choice(WORDS, size=1_900_000))
+    assert len(docs[9]["text"]) > 10_500_000
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    manifest = run(str(path), tmp_path / "out", shard_size=10**8, unit_bytes=10**9)
+    np.testing.assert_array_equal(all_tokens(manifest, tmp_path / "out"), expected_stream(docs))
+
+
 def _start(command):
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -282,7 +328,7 @@ def _copy_what_is_written(source: Path, target: Path) -> None:
     """Copy the finished files of a killed job's output. Ray stops the job's workers a moment after its
     driver dies, so one may still be renaming a temp file into place while we copy."""
     for path in source.rglob("*"):
-        if path.is_file() and not path.name.endswith(".tmp"):
+        if path.is_file() and not path.name.endswith(PARTIAL_SUFFIX):
             copy = target / path.relative_to(source)
             copy.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,43 @@
+"""`ray job submit -- python pipelines/tokenize.py ...` on a real `ray start --head`: the job's Ray Data pipeline
+is on the dashboard (its data API, which the Jobs page shows) with named operators, rows and state FINISHED."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import urllib.request
+from pathlib import Path
+
+from tests.conftest import REPO
+from tests.ray_head import RAY, ray_head
+from tests.test_pipeline import make_documents
+
+
+def _get(url: str) -> dict:
+    token = os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").read_text().strip()
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_the_tokenize_job_is_listed_on_the_dashboard(tmp_path, tmp_path_factory):
+    docs = [d for d in make_documents(300, seed=2) if d["text"].strip()]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    with ray_head(tmp_path_factory.mktemp("rayhead"), num_cpus=2) as head:  # a short path: Ray's sockets live there
+        job = subprocess.run(
+            [*RAY, "job", "submit", "--address", head.dashboard_url, "--submission-id", "tokenize-1",
+             "--working-dir", ".", "--", "python", "pipelines/tokenize.py", "--input", str(tmp_path / "docs.jsonl"),
+             "-o", str(tmp_path / "out"), "--shard-size", "3000", "--unit-bytes", "5000"],
+            cwd=REPO, env=head.env, capture_output=True, text=True, timeout=400)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+        job_id = _get(f"{head.dashboard_url}/api/jobs/tokenize-1")["job_id"]
+        datasets = _get(f"{head.dashboard_url}/api/data/datasets/{job_id}")["datasets"]
+    assert len(datasets) == 1, datasets
+    (dataset,) = datasets
+    assert dataset["state"] == "FINISHED"
+    tokenize = dataset["operators"][-1]
+    assert tokenize["name"] == "MapBatches(Tokenize)" and tokenize["state"] == "FINISHED"
+    assert tokenize["total_rows"] == manifest["units"] > 1  # a row per work unit: its counters
+    assert dataset["progress"] == dataset["total"] == manifest["units"]
