@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipelines.files import atomic_write
+from pipelines.files import cache_root, fetch
 from pipelines.tokenizer import gpt2_encoding
 
 CANONICAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-DEFAULT_DATA_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "raygpt2" / "hellaswag"
+DEFAULT_DATA_DIR = cache_root() / "hellaswag"
 CACHED_NAME = "hellaswag_val.jsonl"
 NUM_ENDINGS = 4
 EVAL_MAGIC = 20240522
@@ -141,15 +140,10 @@ def read_eval_bin(path: str | os.PathLike) -> list[Example]:
 
 
 def download(url: str, destination: Path, timeout: float = 60.0) -> Path:
-    """Fetch `url` into `destination` through a temp name, so an interrupted download is never cached."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, atomic_write(destination) as out:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-    except OSError as err:  # URLError, HTTPError and socket timeouts are all OSErrors
+        return fetch(url, destination, timeout)
+    except OSError as err:
         raise HellaSwagFormatError(f"cannot download HellaSwag from {url}: {err}") from err
-    return destination
 
 
 def is_eval_bin(path: Path) -> bool:

@@ -1,8 +1,9 @@
-"""HellaSwag fanned out over Ray tasks, and evaluated concurrently with training.
+"""Evals (HellaSwag, CORE) fanned out over Ray tasks, and evaluated concurrently with training.
 
 The batch plan is made once, in the driver, and dealt round-robin into K groups, so each example is
-scored in the same batch whatever K is: the result is identical for any K. Each group is put in the
-object store once (`EvalSet`), so a training loop launching an eval per -v step only submits tasks.
+scored in the same batch whatever K is: the result is identical for any K. The tasks return per-row scores;
+the eval's own summary (HellaSwag's acc_norm, CORE's accuracies) is computed from them in the driver. Each
+group is put in the object store once (`EvalSet`), so a training loop launching an eval per -v step only submits tasks.
 A model reaches the tasks as a path (a checkpoint, run directory, llm.c or Hugging Face file) or as a
 `WeightsSnapshot`: its weights in the object store, which any node can read and nothing has to delete.
 Ray is imported inside the functions: the scorer must stay importable where Ray is not installed.
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from evals.hellaswag_data import Example, load_examples
-from evals.scoring import Batch, Scores, default_batch_tokens, plan_batches, score_batches, summarize
+from evals.scoring import Batch, RowScores, default_batch_tokens, hellaswag_result, plan_batches, score_rows
 from gpt2.interop import load_gpt, resolve_model_source
 from gpt2.mainlog import EvalLog
 from gpt2.model import GPT, GPTConfig
@@ -56,34 +57,42 @@ ModelSource = str | os.PathLike | WeightsSnapshot
 
 
 def _score_group(source: ModelSource, batches: list[Batch], use_gpu: bool,
-                 threads: int) -> tuple[Scores, float, float]:
+                 threads: int) -> tuple[RowScores, float, float]:
     """One Ray task: load the model, score its batches; returns the scores and the task's wall-clock span."""
     started = time.time()
     torch.set_num_threads(threads)
     device = "cuda" if use_gpu else "cpu"
     model = source.load(device) if isinstance(source, WeightsSnapshot) else load_gpt(source, device)
-    return score_batches(model, batches), started, time.time()
+    return score_rows(model, batches), started, time.time()
 
 
 @dataclass(frozen=True)
 class EvalSet:
-    """Examples planned into batches and dealt into per-task groups held in Ray's object store."""
+    """Examples planned into batches and dealt into per-task groups held in Ray's object store, and how the
+    eval's result is computed from the rows' scores."""
 
     groups: list[Any]  # ObjectRefs of list[Batch]
+    summarize: Callable[[RowScores], Result]
+
+
+def deal(batches: Sequence[Batch], tasks: int) -> list[Any]:
+    """`batches` dealt round-robin into (at most) `tasks` groups, each put in the object store once."""
+    import ray
+
+    if tasks < 1:
+        raise ValueError(f"--tasks must be at least 1, got {tasks}")
+    return [ray.put(list(batches[k::tasks])) for k in range(min(tasks, len(batches)))]
 
 
 def prepare(examples: Sequence[Example] | str | os.PathLike, tasks: int = DEFAULT_TASKS,
             batch_tokens: int | None = None, gpu: bool = False) -> EvalSet:
-    """Plan `examples` (or a HellaSwag file) into `tasks` groups and put them in the object store."""
-    import ray
-
+    """Plan HellaSwag `examples` (or a HellaSwag file) into `tasks` groups and put them in the object store."""
     if tasks < 1:
         raise ValueError(f"--tasks must be at least 1, got {tasks}")
     if isinstance(examples, (str, os.PathLike)):
         examples = load_examples(examples)
     batches = plan_batches(examples, batch_tokens or default_batch_tokens("cuda" if gpu else "cpu"))
-    groups = [batches[k::tasks] for k in range(min(tasks, len(batches)))]
-    return EvalSet([ray.put(group) for group in groups])
+    return EvalSet(deal(batches, tasks), hellaswag_result)
 
 
 @dataclass
@@ -92,6 +101,7 @@ class EvalHandle:
 
     refs: list[Any]
     submitted_at: float
+    summarize: Callable[[RowScores], Result]
     task_spans: list[tuple[float, float]] = field(default_factory=list)  # (start, end) per task, once done
     _result: Result | None = None
 
@@ -102,14 +112,14 @@ class EvalHandle:
         return len(done) == len(self.refs)
 
     def result(self, timeout: float | None = None) -> Result:
-        """acc, acc_norm, num_correct, num_correct_norm, num_total; raises TimeoutError (Ray's GetTimeoutError)
-        if not done within `timeout` seconds, or the task's error if one failed."""
+        """The eval's summary (HellaSwag: acc, acc_norm, num_correct, num_correct_norm, num_total); raises
+        TimeoutError (Ray's GetTimeoutError) if not done within `timeout` seconds, or a task's error."""
         import ray
 
         if self._result is None:
             outputs = ray.get(self.refs, timeout=timeout)
             self.task_spans = [(start, end) for _, start, end in outputs]
-            self._result = summarize(Scores.concatenate(scores for scores, _, _ in outputs))
+            self._result = self.summarize(RowScores.concatenate(scores for scores, _, _ in outputs))
         return self._result
 
     def cancel(self) -> None:
@@ -135,7 +145,7 @@ def launch(source: ModelSource, examples: EvalSet | Sequence[Example] | str | os
     remote = ray.remote(_score_group).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)
     submitted_at = time.time()  # before the first task can start
     refs = [remote.remote(source, group, num_gpus > 0, threads) for group in examples.groups]
-    return EvalHandle(refs, submitted_at)
+    return EvalHandle(refs, submitted_at, examples.summarize)
 
 
 class ConcurrentEvals:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,3 +85,19 @@ def write_json(path: str | os.PathLike, payload: Any) -> None:
     with atomic_write(path, "w") as f:
         json.dump(payload, f, indent=2)
         f.write("\n")
+
+
+def cache_root() -> Path:
+    """Where downloads are cached: $XDG_CACHE_HOME/raygpt2, or ~/.cache/raygpt2 when it is unset or empty (the
+    XDG spec treats an empty value as unset)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "raygpt2"
+
+
+def fetch(url: str, destination: Path, timeout: float = 60.0) -> Path:
+    """Download `url` to `destination` through a temp name, so an interrupted download is never mistaken for a
+    finished one. Raises OSError (URLError, HTTPError and socket timeouts are all OSErrors)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with urllib.request.urlopen(url, timeout=timeout) as response, atomic_write(destination) as out:
+        while chunk := response.read(1 << 20):
+            out.write(chunk)
+    return destination

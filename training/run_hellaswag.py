@@ -27,6 +27,7 @@ import torch.distributed as dist
 from evals.hellaswag_data import load_examples
 from evals.parallel import ConcurrentEvals, EvalHandle, WeightsSnapshot, prepare
 from evals.scoring import (
+    Scores,
     counts,
     default_batch_tokens,
     forward_flops,
@@ -194,7 +195,7 @@ class HellaSwagBesideTraining:
             return
         started = time.time()
         # a rank past the last batch (more ranks than batches) adds nothing
-        mine = counts(score_live_model(model, self.my_batches)) if self.my_batches else (0, 0, 0)
+        mine = counts(Scores.of(score_live_model(model, self.my_batches))) if self.my_batches else (0, 0, 0)
         totals = torch.tensor(mine, dtype=torch.int64, device=self.device)
         if self.world > 1:
             dist.all_reduce(totals)  # every rank reaches this at the same step: a collective like the val loss
