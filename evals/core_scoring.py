@@ -1,7 +1,8 @@
 """CORE scored with the packed batch scorer (evals/scoring.py), in any process (no Ray).
 
 Every example's rows are packed around their shared token prefix (for a few-shot prompt, the shots and most
-of the question), each task's examples planned into batches of similar length. An example is right when:
+of the question; rows cut to the context by different amounts run as separate sequences), each task's
+examples planned into batches of similar length. An example is right when:
 multiple choice / schema: the row with the lowest mean loss over its scored tokens is the gold one (the first
 such row on a tie; a row with nothing to score has a NaN mean, which Python's min passes over unless it comes
 first); language modeling: every scored token is the model's argmax. A task's accuracy is centered on its
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from evals.core_data import Task, tokenize
-from evals.scoring import Batch, Packed, RowScores, default_batch_tokens, plan_packed, score_live_model
+from evals.scoring import Batch, RowScores, default_batch_tokens, pack_rows, plan_packed, score_live_model
 from gpt2.model import GPT
 
 Result = dict[str, Any]
@@ -39,13 +40,13 @@ class CorePlan:
 def plan(tasks: Sequence[Task], context_length: int, batch_tokens: int) -> CorePlan:
     """Render, tokenize (rows cut to `context_length`) and batch every task; the largest batches first, so
     dealing them round-robin over Ray tasks spreads the work evenly."""
-    packed, example_task, batches = [], [], []
+    example_task, batches = [], []
     for number, task in enumerate(tasks):
-        first = len(packed)
+        packed = []
         for item in tokenize(task, context_length):
-            packed.append(Packed.of(len(packed), item.gold, item.rows, item.spans))
+            packed += pack_rows(len(example_task), item.gold, item.rows, item.spans)
             example_task.append(number)
-        batches += plan_packed(packed[first:], batch_tokens)
+        batches += plan_packed(packed, batch_tokens)
     batches.sort(key=lambda batch: -batch.tokens.size)
     return CorePlan(tuple(t.label for t in tasks), tuple(t.baseline for t in tasks), np.array(example_task),
                     batches)

@@ -37,22 +37,30 @@ _PADDING = -1  # segment id of padding
 
 @dataclass(frozen=True)
 class Packed:
-    """One example's rows as one sequence: the prefix every row shares, then each row's rest."""
+    """Rows of one example as one sequence: the prefix they share, then each row's rest."""
 
     index: int
     label: int
     prefix: tuple[int, ...]
     rests: tuple[tuple[int, ...], ...]
     spans: tuple[tuple[int, int], ...]  # [start, end) of each row's scored tokens, in row coordinates
-
-    @classmethod
-    def of(cls, index: int, label: int, rows: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]) -> Packed:
-        shared = common_length(rows)
-        return cls(index, label, tuple(rows[0][:shared]), tuple(tuple(row[shared:]) for row in rows), tuple(spans))
+    first_row: int = 0  # the example's row number of rests[0]
 
     @property
     def length(self) -> int:
         return len(self.prefix) + sum(len(rest) for rest in self.rests)
+
+
+def pack_rows(index: int, label: int, rows: Sequence[Sequence[int]],
+              spans: Sequence[tuple[int, int]]) -> list[Packed]:
+    """An example's rows packed around their shared prefix; or, when they share less than half their mean length
+    (rows cut to the context by different amounts), one sequence per row: packing would save little and make
+    attention quadratic in the rows' total length."""
+    shared = common_length(rows)
+    if len(rows) > 1 and 2 * shared * len(rows) < sum(len(row) for row in rows):
+        return [Packed(index, label, tuple(row), ((),), (span,), k) for k, (row, span) in
+                enumerate(zip(rows, spans, strict=True))]
+    return [Packed(index, label, tuple(rows[0][:shared]), tuple(tuple(row[shared:]) for row in rows), tuple(spans))]
 
 
 def pack_hellaswag(example: Example) -> Packed:
@@ -71,6 +79,7 @@ class Batch:
     example_index: np.ndarray  # (examples,)
     labels: np.ndarray  # (examples,)
     row_example: np.ndarray  # (rows,) which of the batch's examples each row belongs to
+    row_number: np.ndarray  # (rows,) the row's number within its example
     row_tokens: np.ndarray  # (rows,) scored tokens per row
     score_rows: np.ndarray  # (n,) sequence of each scored position
     score_positions: np.ndarray  # (n,) column whose output predicts the target
@@ -83,6 +92,7 @@ class RowScores:
     """Per row, in example-index order (an example's rows in their order)."""
 
     example_index: np.ndarray  # (rows,)
+    row_number: np.ndarray  # (rows,) within its example
     labels: np.ndarray  # (rows,) the row's example's label
     sum_loss: np.ndarray  # (rows,) float64
     num_tokens: np.ndarray  # (rows,)
@@ -98,9 +108,10 @@ class RowScores:
     def concatenate(cls, parts: Iterable[RowScores]) -> RowScores:
         parts = list(parts)
         index = np.concatenate([p.example_index for p in parts])
-        order = np.argsort(index, kind="stable")  # an example's rows are adjacent in one part: kept in order
-        return cls(index[order], *(np.concatenate([getattr(p, f) for p in parts])[order]
-                                   for f in ("labels", "sum_loss", "num_tokens", "greedy")))
+        row = np.concatenate([p.row_number for p in parts])
+        order = np.lexsort((row, index))
+        return cls(index[order], row[order], *(np.concatenate([getattr(p, f) for p in parts])[order]
+                                               for f in ("labels", "sum_loss", "num_tokens", "greedy")))
 
 
 @dataclass(frozen=True)
@@ -123,7 +134,7 @@ def _build_batch(examples: Sequence[Packed]) -> Batch:
     tokens = np.zeros((len(examples), width), dtype=np.int32)
     positions = np.zeros((len(examples), width), dtype=np.int32)
     segments = np.full((len(examples), width), _PADDING, dtype=np.int32)
-    rows, columns, owners, targets, row_example, row_tokens = [], [], [], [], [], []
+    rows, columns, owners, targets, row_example, row_number, row_tokens = [], [], [], [], [], [], []
     for sequence, example in enumerate(examples):
         shared = len(example.prefix)
         tokens[sequence, :shared] = example.prefix
@@ -143,10 +154,12 @@ def _build_batch(examples: Sequence[Packed]) -> Batch:
             owners.append(np.full(end - first, len(row_tokens)))
             targets.append(np.asarray((example.prefix + rest)[first:end], dtype=np.int64))
             row_example.append(sequence)
+            row_number.append(example.first_row + k)
             row_tokens.append(end - first)
             start += len(rest)
     return Batch(tokens, positions, segments, np.array([ex.index for ex in examples]),
-                 np.array([ex.label for ex in examples]), np.array(row_example), np.array(row_tokens),
+                 np.array([ex.label for ex in examples]), np.array(row_example), np.array(row_number),
+                 np.array(row_tokens),
                  np.concatenate(rows).astype(np.int64), np.concatenate(columns).astype(np.int64),
                  np.concatenate(owners).astype(np.int64), np.concatenate(targets))
 
@@ -155,7 +168,7 @@ def plan_packed(examples: Sequence[Packed], batch_tokens: int) -> list[Batch]:
     """Longest examples first, each batch holding as many as fit in `batch_tokens` padded tokens (at least one)."""
     if batch_tokens <= 0:
         raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
-    ordered = sorted(examples, key=lambda ex: (-ex.length, ex.index))
+    ordered = sorted(examples, key=lambda ex: (-ex.length, ex.index, ex.first_row))
     batches, current = [], []
     for example in ordered:
         width = (current[0] if current else example).length
@@ -217,8 +230,8 @@ def score_batch(model: GPT, batch: Batch) -> RowScores:
     sums.index_add_(0, owners, losses.double())
     misses = torch.zeros(len(batch.row_tokens), dtype=torch.int64, device=device)
     misses.index_add_(0, owners, (~hits).long())
-    return RowScores(batch.example_index[batch.row_example], batch.labels[batch.row_example], sums.cpu().numpy(),
-                     batch.row_tokens, (misses == 0).cpu().numpy())
+    return RowScores(batch.example_index[batch.row_example], batch.row_number, batch.labels[batch.row_example],
+                     sums.cpu().numpy(), batch.row_tokens, (misses == 0).cpu().numpy())
 
 
 def score_rows(model: GPT, batches: Sequence[Batch]) -> RowScores:

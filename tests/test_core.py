@@ -20,9 +20,9 @@ import torch.nn.functional as F
 import yaml
 
 from evals.core import main
-from evals.core_data import CoreFormatError, locate_bundle, read_bundle
+from evals.core_data import CoreFormatError, locate_bundle, read_bundle, tokenize
 from evals.core_scoring import evaluate_core, example_correct, plan
-from evals.scoring import score_live_model
+from evals.scoring import pack_rows, score_live_model
 from gpt2.interop import export_hf, write_llmc
 from gpt2.model import GPT, GPTConfig
 from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
@@ -208,6 +208,9 @@ def test_batched_core_equals_one_at_a_time_reference(model, bundle):
     tasks = read_bundle(bundle)
     core_plan = plan(tasks, CONTEXT, batch_tokens=600)
     assert len(core_plan.batches) > len(tasks) and max(len(b.example_index) for b in core_plan.batches) > 1
+    items = [item for task in tasks for item in tokenize(task, CONTEXT)]
+    assert any(len(pack_rows(0, item.gold, item.rows, item.spans)) > 1 for item in items)  # rows cut apart
+    assert any(len(pack_rows(0, item.gold, item.rows, item.spans)) == 1 < len(item.rows) for item in items)
     rows = score_live_model(model, core_plan.batches)
     assert list(example_correct(rows)) == [ok for label in TASKS for ok in expected[label]]
     result = core_plan.summarize(rows)
