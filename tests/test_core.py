@@ -302,3 +302,20 @@ def test_cli_scores_every_model_source_alike_and_ray_tasks_equal_in_process(ray_
         result = main(["--checkpoint", str(checkpoint), "--bundle", str(bundle), "--tasks", str(tasks),
                        "--batch-tokens", "600"])
         assert {k: result[k] for k in expected} == expected, tasks
+
+
+def test_cli_as_a_script_on_the_smoke_bundle(checkpoint, model):
+    smoke = REPO / "evals" / "data" / "core_smoke"
+    command = [sys.executable, "evals/core.py", "--checkpoint", str(checkpoint), "--bundle", str(smoke), "--tasks", "0"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["tasks"] == evaluate_core(model, read_bundle(smoke))["tasks"]
+    assert sorted(result["tasks"]) == ["smoke_completion", "smoke_pronouns", "smoke_questions"]
+    bad = subprocess.run(command + ["--max-per-task", "-1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("got -1 (--help for usage)")
+    few = subprocess.run(command + ["--max-per-task", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert few.returncode == 2 and "'smoke_questions' is 2-shot, which needs 3 examples; it has 2 after " \
+                                   "--max-per-task 2" in few.stderr
+    probe = "import sys, evals.core; assert 'ray' not in sys.modules, 'ray imported at load'"
+    assert subprocess.run([sys.executable, "-c", probe], cwd=REPO, timeout=120).returncode == 0
