@@ -155,25 +155,29 @@ class ConcurrentEvals:
     result)` for an eval scored elsewhere (in-loop), `finish()` before exiting. An eval due while another runs
     waits; only the newest waits, so when evals are slower than the -v interval the older waiting one is
     skipped (`on_skip(step, reason)`) rather than queued: the backlog is bounded by one. `report(step,
-    result)` gets every result as it is collected; main.log gets the `s:%d eval:%f` lines in step order.
+    result)` gets every result as it is collected; main.log gets the `s:%d <stream>:%f` lines of `result[key]`
+    in step order (HellaSwag: eval / acc_norm; CORE: core / core).
     """
 
-    def __init__(self, examples: EvalSet, log_path: str | os.PathLike | None, num_cpus: float = DEFAULT_CPUS_PER_TASK,
-                 num_gpus: float = 0.0, report: Callable[[int, Result, EvalHandle | None], None] | None = None,
-                 on_skip: Callable[[int, str], None] | None = None):
+    def __init__(self, examples: EvalSet | None, log_path: str | os.PathLike | None,
+                 num_cpus: float = DEFAULT_CPUS_PER_TASK, num_gpus: float = 0.0,
+                 report: Callable[[int, Result, EvalHandle | None], None] | None = None,
+                 on_skip: Callable[[int, str], None] | None = None, stream: str = "eval", key: str = "acc_norm"):
         self.examples = examples
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
-        self.log = EvalLog(log_path) if log_path is not None else None
+        self.log = EvalLog(log_path, stream) if log_path is not None else None
+        self.key = key
         self.report, self.on_skip = report, on_skip
         self.running: tuple[int, EvalHandle] | None = None
-        self.waiting: tuple[int, ModelSource] | None = None
+        self.waiting: tuple[int, ModelSource, EvalSet] | None = None
 
-    def submit(self, step: int, source: ModelSource) -> None:
+    def submit(self, step: int, source: ModelSource, examples: EvalSet | None = None) -> None:
+        """Score `source` for `step`, on `examples` (default: the EvalSet given at construction)."""
         if self.log:
             self.log.expect(step)
         if self.waiting:
             self._skip(self.waiting[0], f"the eval of step {step} was due before it could start")
-        self.waiting = (step, source)
+        self.waiting = (step, source, examples or self.examples)
         self._start_waiting()
 
     def record(self, step: int, result: Result, handle: EvalHandle | None = None) -> None:
@@ -181,7 +185,7 @@ class ConcurrentEvals:
         if self.report:
             self.report(step, result, handle)
         if self.log:
-            self.log.record(step, float(result["acc_norm"]))
+            self.log.record(step, float(result[self.key]))
 
     def poll(self) -> None:
         """Record the running eval if it has finished, and start the waiting one; never blocks. A failed eval
@@ -207,9 +211,9 @@ class ConcurrentEvals:
 
     def _start_waiting(self) -> None:
         if self.waiting and not self.running:
-            step, source = self.waiting
+            step, source, examples = self.waiting
             self.waiting = None
-            self.running = (step, launch(source, self.examples, num_cpus=self.num_cpus, num_gpus=self.num_gpus))
+            self.running = (step, launch(source, examples, num_cpus=self.num_cpus, num_gpus=self.num_gpus))
 
     def _skip(self, step: int, reason: str) -> None:
         if self.log:
