@@ -25,7 +25,7 @@ if __name__ == "__main__":  # run as a script: import the repo's packages, not m
 
 from evals.core_data import BUNDLE_URL, DEFAULT_DATA_DIR, CoreFormatError, locate_bundle, read_bundle
 from evals.core_scoring import Result, plan
-from evals.parallel import DEFAULT_CPUS_PER_TASK, DEFAULT_TASKS, EvalSet, deal, launch
+from evals.parallel import EvalSet, add_fanout_flags, check_fanout_flags, deal, launch
 from evals.scoring import default_batch_tokens, score_live_model
 from gpt2.interop import ModelSourceError, load_gpt, read_model_config, resolve_model_source
 from gpt2.model import pick_device
@@ -42,13 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-per-task", type=int, default=0,
                         help="score the first N examples of each task (after the seeded shuffle); 0 = all")
     parser.add_argument("--only", help="comma-separated task labels to score (CORE is then their mean)")
-    parser.add_argument("--tasks", type=int, default=DEFAULT_TASKS, help="Ray tasks to split over; 0 = this process")
-    parser.add_argument("--cpus-per-task", type=float, default=DEFAULT_CPUS_PER_TASK, help="Ray num_cpus per task")
-    parser.add_argument("--gpus-per-task", type=float, default=0.0, help="Ray num_gpus per task (e.g. 0.25)")
-    parser.add_argument("--batch-tokens", type=int, help="padded tokens per forward pass (default by device)")
-    parser.add_argument("--device", default="auto", help="device for --tasks 0: auto (a GPU if there is one), cpu, "
-                                                         "cuda or cuda:N")
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local cluster)")
+    add_fanout_flags(parser)
     return parser
 
 
@@ -80,20 +74,11 @@ def run(args: argparse.Namespace) -> Result:
 def main(argv: list[str] | None = None) -> Result:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.tasks < 0:
-        parser.error(f"--tasks must be 0 (this process) or more, got {args.tasks}")
+    check_fanout_flags(parser, args)
     if args.max_per_task < 0:
         parser.error(f"--max-per-task must be 0 (all) or more, got {args.max_per_task}")
-    if args.batch_tokens is not None and args.batch_tokens < 1:
-        parser.error(f"--batch-tokens must be positive, got {args.batch_tokens}")
-    if not (args.cpus_per_task >= 0 and args.gpus_per_task >= 0):
-        parser.error("--cpus-per-task and --gpus-per-task must not be negative")
     if args.only is not None and not all(args.only.split(",")):
         parser.error(f"--only {args.only!r}: expected comma-separated task labels")
-    try:
-        pick_device(args.device)
-    except ValueError as err:
-        parser.error(str(err))
     try:
         result = run(args)
     except (CoreFormatError, ModelSourceError, ConnectionError) as err:  # ConnectionError: --address

@@ -23,7 +23,6 @@ continuation (stripped of surrounding whitespace), which must be a prefix of the
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 import shutil
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.files import cache_root, fetch
+from pipelines.files import cache_root, fetch, jsonl_records
 from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -169,28 +168,6 @@ def _row_problem(record: object, kind: str) -> str | None:
     return None
 
 
-def _read_rows(path: Path, kind: str) -> list[tuple[int, dict]]:
-    """(line, record) for each row of a task's jsonl (blank lines skipped)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise CoreFormatError(f"{path}: cannot read task data ({err})") from err
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CoreFormatError(f"{path}:{number}: bad JSON ({err.msg})") from err
-        if problem := _row_problem(record, kind):
-            raise CoreFormatError(f"{path}:{number}: {problem}")
-        rows.append((number, record))
-    if not rows:
-        raise CoreFormatError(f"{path}: no examples")
-    return rows
-
-
 def read_bundle(directory: str | os.PathLike, max_per_task: int | None = None,
                 labels: Sequence[str] | None = None) -> list[Task]:
     """The bundle's tasks (or those named in `labels`), every file checked, each task's rows shuffled and cut
@@ -214,7 +191,8 @@ def read_bundle(directory: str | os.PathLike, max_per_task: int | None = None,
         if label not in baselines:
             raise CoreFormatError(f"{meta_path}: field 'Random baseline': no row for task {label!r} "
                                   f"({config_path}:{line})")
-        rows = _read_rows(directory / "eval_data" / entry["dataset_uri"], kind)
+        rows = jsonl_records(directory / "eval_data" / entry["dataset_uri"],
+                             lambda record, kind=kind: _row_problem(record, kind), CoreFormatError)
         random.Random(SHUFFLE_SEED).shuffle(rows)
         rows = rows[:max_per_task] if max_per_task else rows
         shots = entry["num_fewshot"][0]

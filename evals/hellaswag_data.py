@@ -11,14 +11,13 @@ context as (length, tokens...) and each completion as (length, tokens...).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipelines.files import cache_root, fetch
+from pipelines.files import cache_root, fetch, jsonl_records
 from pipelines.tokenizer import gpt2_encoding
 
 CANONICAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -68,27 +67,12 @@ def _check_record(record: object) -> str | None:
 def read_jsonl(path: str | os.PathLike) -> list[Example]:
     """Examples from a HellaSwag-schema jsonl file (blank lines skipped), tokenized with GPT-2's BPE."""
     encoding = gpt2_encoding()
-    path = Path(path)
     examples = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise HellaSwagFormatError(f"{path}: cannot read HellaSwag jsonl ({err})") from err
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise HellaSwagFormatError(f"{path}:{number}: bad JSON ({err.msg})") from err
-        if problem := _check_record(record):
-            raise HellaSwagFormatError(f"{path}:{number}: {problem}")
+    for _, record in jsonl_records(Path(path), _check_record, HellaSwagFormatError):
         # encode_ordinary: text that happens to contain "<|endoftext|>" is scored as text, not as EOT.
         endings = tuple(tuple(encoding.encode_ordinary(" " + ending)) for ending in record["endings"])
         examples.append(Example(len(examples), tuple(encoding.encode_ordinary(record["ctx"])), endings,
                                 record["label"]))
-    if not examples:
-        raise HellaSwagFormatError(f"{path}: no examples")
     return examples
 
 

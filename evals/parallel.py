@@ -11,6 +11,7 @@ Ray is imported inside the functions: the scorer must stay importable where Ray 
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -23,13 +24,38 @@ from evals.hellaswag_data import Example, load_examples
 from evals.scoring import Batch, RowScores, default_batch_tokens, hellaswag_result, plan_batches, score_rows
 from gpt2.interop import load_gpt, resolve_model_source
 from gpt2.mainlog import EvalLog
-from gpt2.model import GPT, GPTConfig
+from gpt2.model import GPT, GPTConfig, pick_device
 
 DEFAULT_TASKS = 2
 # Fractional by default: K eval tasks fit beside a training job on a small machine instead of waiting
 # for whole CPUs (shared/notes: whole-CPU actors stalled a 2-CPU cluster).
 DEFAULT_CPUS_PER_TASK = 0.5
 Result = dict[str, float | int]
+
+
+def add_fanout_flags(parser: argparse.ArgumentParser) -> None:
+    """The eval CLIs' flags for where scoring runs: K Ray tasks (and their resources) or this process."""
+    parser.add_argument("--tasks", type=int, default=DEFAULT_TASKS, help="Ray tasks to split over; 0 = this process")
+    parser.add_argument("--cpus-per-task", type=float, default=DEFAULT_CPUS_PER_TASK, help="Ray num_cpus per task")
+    parser.add_argument("--gpus-per-task", type=float, default=0.0, help="Ray num_gpus per task (e.g. 0.25)")
+    parser.add_argument("--batch-tokens", type=int, help="padded tokens per forward pass (default by device)")
+    parser.add_argument("--device", default="auto", help="device for --tasks 0: auto (a GPU if there is one), cpu, "
+                                                         "cuda or cuda:N")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local cluster)")
+
+
+def check_fanout_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`parser.error` (one line, exit 2) for a fan-out flag out of range."""
+    if args.tasks < 0:
+        parser.error(f"--tasks must be 0 (this process) or more, got {args.tasks}")
+    if args.batch_tokens is not None and args.batch_tokens < 1:
+        parser.error(f"--batch-tokens must be positive, got {args.batch_tokens}")
+    if not (args.cpus_per_task >= 0 and args.gpus_per_task >= 0):
+        parser.error("--cpus-per-task and --gpus-per-task must not be negative")
+    try:
+        pick_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 @dataclass(frozen=True)

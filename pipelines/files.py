@@ -11,7 +11,7 @@ import json
 import os
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -101,3 +101,27 @@ def fetch(url: str, destination: Path, timeout: float = 60.0) -> Path:
         while chunk := response.read(1 << 20):
             out.write(chunk)
     return destination
+
+
+def jsonl_records(path: Path, problem_of: Callable[[Any], str | None],
+                  error: Callable[[str], Exception]) -> list[tuple[int, Any]]:
+    """(line number, record) for each non-blank line of a jsonl file; `error(message)` is raised, the message
+    naming the file and line, for an unreadable file, bad JSON or a record `problem_of` finds fault with."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"{path}: cannot read ({err})") from err
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{path}:{number}: bad JSON ({err.msg})") from err
+        if problem := problem_of(record):
+            raise error(f"{path}:{number}: {problem}")
+        records.append((number, record))
+    if not records:
+        raise error(f"{path}: no examples")
+    return records

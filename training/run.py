@@ -20,9 +20,9 @@ between that the cluster has room for and restarts it at a new size from the lat
 is lost or added. -d stays the global batch at every size (training/elastic.py checks the sizes at launch);
 each new group's rank 0 records a resize on the console and in main.log.
 
-`-h 1` (llm.c's flag) scores HellaSwag on every -v step's checkpoint in Ray tasks beside the training
-(training/run_hellaswag.py). Rank 0 prints elapsed / ETA / estimated cost every -v steps and writes
-`summary.json` at the end (training/progress.py).
+`-h 1` (llm.c's flag) scores HellaSwag on every -v step's checkpoint in Ray tasks beside the training, and
+`--core-every N` CORE every N steps (training/run_hellaswag.py). Rank 0 prints elapsed / ETA / estimated cost
+every -v steps and writes `summary.json` at the end (training/progress.py).
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     ray_flags.add_argument("--gpu-hour-usd", type=float,
                            help="USD per worker-hour for the cost estimate (default: 3.50, an H100, on GPU; on CPU "
                                 "no estimate unless given)")
-    evals = parser.add_argument_group("HellaSwag beside training (llm.c's -h)")
+    evals = parser.add_argument_group("Evals beside training: HellaSwag (llm.c's -h) and CORE")
     evals.add_argument("-h", "--hellaswag", type=int, default=0, choices=(0, 1),
                        help="1 = score HellaSwag at every -v step (and the last), placed by --eval-on (default: 0)")
     evals.add_argument("--eval-on", choices=PLACEMENTS, default="auto",
