@@ -106,17 +106,18 @@ def one_at_a_time(model: GPT, items: list[Item], device: torch.device) -> list[b
 def full_bundle_flops(config: GPTConfig) -> float:
     """Forward FLOPs of the public bundle under ASSUMED_SHAPE, counted as evals.scoring.forward_flops counts a
     plan: each example packed (shared prompt once, then each row's own part), or, when the prompt is cut to
-    the context, every row in full (cropped rows no longer share positions)."""
+    the context, every row as its own sequence (rows cut by different amounts share no positions; this
+    assumes they were, the costlier case)."""
     layers, channels, vocab, context = config.n_layer, config.n_embd, config.vocab_size, config.block_size
     total = 0.0
     for _kind, examples, shots, rows, solved, own in ASSUMED_SHAPE.values():
         length = 1 + (shots + 1) * solved  # EOT, the shots, the example itself
-        if length > context:
-            packed = rows * context
-        else:
-            packed = length + (rows - 1) * own
+        if length > context:  # rows cut apart: one sequence of `context` tokens per row
+            tokens, width = rows * context, context
+        else:  # one packed sequence
+            tokens = width = length + (rows - 1) * own
         scored = rows * own
-        total += examples * (packed * (24 * layers * channels**2 + 4 * layers * packed * channels)
+        total += examples * (tokens * (24 * layers * channels**2 + 4 * layers * width * channels)
                              + 2 * channels * vocab * scored)
     return total
 
