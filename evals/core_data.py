@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from pipelines.files import cache_root, fetch, jsonl_records
@@ -49,6 +50,7 @@ ROW_FIELDS = {
     "language_modeling": {"context": "text", "continuation": "text"},
 }
 _CHOICE_FIELD = {"multiple_choice": "choices", "schema": "context_options"}
+_ENCODE_CHUNK = 256  # examples tokenized per tiktoken batch
 
 
 class CoreFormatError(ValueError):
@@ -71,7 +73,7 @@ class Task:
 class Item:
     """One example as token rows (one per choice; one for language modeling) and each row's scored span."""
 
-    rows: tuple[tuple[int, ...], ...]
+    rows: tuple[np.ndarray, ...]  # int32 token ids
     spans: tuple[tuple[int, int], ...]  # [start, end) of the scored tokens in each row
     gold: int  # the right row; -1 for language modeling (correct = every span token predicted greedily)
 
@@ -275,42 +277,51 @@ def render(task: Task, index: int) -> list[str]:
 def common_length(rows: Sequence[Sequence[int]], from_end: bool = False) -> int:
     """How many leading (or trailing) tokens all rows share."""
     shortest = min(len(row) for row in rows)
-    for n in range(shortest):
-        at = -1 - n if from_end else n
-        if any(row[at] != rows[0][at] for row in rows):
-            return n
-    return shortest
+    ends = np.stack([np.asarray(row)[len(row) - shortest:][::-1] if from_end else np.asarray(row)[:shortest]
+                     for row in rows])
+    differs = np.flatnonzero((ends != ends[0]).any(0))
+    return int(differs[0]) if len(differs) else shortest
+
+
+def _item(task: Task, index: int, encoded: list[list[int]], context_length: int) -> Item:
+    """Example `index` from its prompts' tokens: rows (EOT first) and spans, cut to `context_length`."""
+    rows = [np.array([EOT_TOKEN, *tokens], dtype=np.int32) for tokens in encoded]
+    where = f"{task.path}:{task.lines[index]}"
+    if task.kind == "language_modeling":
+        without, row = rows
+        if len(without) >= len(row) or not np.array_equal(row[: len(without)], without):
+            raise CoreFormatError(f"{where}: field 'continuation': its tokens do not extend the context's "
+                                  "(empty, or the tokenizer merges it into the context)")
+        rows, spans = [row], [(len(without), len(row))]
+    elif task.kind == "multiple_choice":
+        start = common_length(rows)
+        spans = [(start, len(row)) for row in rows]
+    else:
+        suffix = common_length(rows, from_end=True)
+        spans = [(len(row) - suffix, len(row)) for row in rows]
+    cut_rows, cut_spans = [], []
+    for row, (start, end) in zip(rows, spans, strict=True):
+        cut = max(0, len(row) - context_length)
+        if start - cut < 1:  # the first scored token needs a token before it
+            field = "continuation" if task.kind != "multiple_choice" else "choices"
+            raise CoreFormatError(f"{where}: field {field!r}: {end - start} scored tokens do not fit after at "
+                                  f"least one context token in the model's {context_length}-token context")
+        cut_rows.append(row[cut:])
+        cut_spans.append((start - cut, end - cut))
+    return Item(tuple(cut_rows), tuple(cut_spans), task.records[index].get("gold", -1))
 
 
 def tokenize(task: Task, context_length: int) -> list[Item]:
-    """Every example of `task` as token rows with scored spans, rows cut from the left to `context_length`."""
-    prompts = [render(task, i) for i in range(len(task.records))]
-    flat = gpt2_encoding().encode_ordinary_batch([p for example in prompts for p in example])
-    items, at = [], 0
-    for index, example in enumerate(prompts):
-        rows = [(EOT_TOKEN, *tokens) for tokens in flat[at: at + len(example)]]
-        at += len(example)
-        where = f"{task.path}:{task.lines[index]}"
-        if task.kind == "language_modeling":
-            without, row = rows
-            if len(without) >= len(row) or row[: len(without)] != without:
-                raise CoreFormatError(f"{where}: field 'continuation': its tokens do not extend the context's "
-                                      "(empty, or the tokenizer merges it into the context)")
-            rows, spans = [row], [(len(without), len(row))]
-        elif task.kind == "multiple_choice":
-            start = common_length(rows)
-            spans = [(start, len(row)) for row in rows]
-        else:
-            suffix = common_length(rows, from_end=True)
-            spans = [(len(row) - suffix, len(row)) for row in rows]
-        cut_rows, cut_spans = [], []
-        for row, (start, end) in zip(rows, spans, strict=True):
-            cut = max(0, len(row) - context_length)
-            if start - cut < 1:  # the first scored token needs a token before it
-                field = "continuation" if task.kind != "multiple_choice" else "choices"
-                raise CoreFormatError(f"{where}: field {field!r}: {end - start} scored tokens do not fit after at "
-                                      f"least one context token in the model's {context_length}-token context")
-            cut_rows.append(row[cut:])
-            cut_spans.append((start - cut, end - cut))
-        items.append(Item(tuple(cut_rows), tuple(cut_spans), task.records[index].get("gold", -1)))
+    """Every example of `task` as token rows with scored spans, rows cut from the left to `context_length`.
+    Encoded a chunk of examples at a time and kept as int32 arrays: a 10-shot task's prompts run to hundreds
+    of millions of tokens before they are cut."""
+    items = []
+    for first in range(0, len(task.records), _ENCODE_CHUNK):
+        indices = range(first, min(first + _ENCODE_CHUNK, len(task.records)))
+        prompts = [render(task, i) for i in indices]
+        flat = gpt2_encoding().encode_ordinary_batch([p for example in prompts for p in example])
+        at = 0
+        for index, example in zip(indices, prompts, strict=True):
+            items.append(_item(task, index, flat[at: at + len(example)], context_length))
+            at += len(example)
     return items

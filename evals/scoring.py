@@ -41,8 +41,8 @@ class Packed:
 
     index: int
     label: int
-    prefix: tuple[int, ...]
-    rests: tuple[tuple[int, ...], ...]
+    prefix: Sequence[int]  # tuples (HellaSwag) or int32 arrays (CORE)
+    rests: tuple[Sequence[int], ...]
     spans: tuple[tuple[int, int], ...]  # [start, end) of each row's scored tokens, in row coordinates
     first_row: int = 0  # the example's row number of rests[0]
 
@@ -58,9 +58,9 @@ def pack_rows(index: int, label: int, rows: Sequence[Sequence[int]],
     attention quadratic in the rows' total length."""
     shared = common_length(rows)
     if len(rows) > 1 and 2 * shared * len(rows) < sum(len(row) for row in rows):
-        return [Packed(index, label, tuple(row), ((),), (span,), k) for k, (row, span) in
+        return [Packed(index, label, row, ((),), (span,), k) for k, (row, span) in
                 enumerate(zip(rows, spans, strict=True))]
-    return [Packed(index, label, tuple(rows[0][:shared]), tuple(tuple(row[shared:]) for row in rows), tuple(spans))]
+    return [Packed(index, label, rows[0][:shared], tuple(row[shared:] for row in rows), tuple(spans))]
 
 
 def pack_hellaswag(example: Example) -> Packed:
@@ -152,7 +152,7 @@ def _build_batch(examples: Sequence[Packed]) -> Batch:
             columns.append(np.where(predictor < shared, predictor, start + predictor - shared))
             rows.append(np.full(end - first, sequence))
             owners.append(np.full(end - first, len(row_tokens)))
-            targets.append(np.asarray((example.prefix + rest)[first:end], dtype=np.int64))
+            targets.append(np.concatenate([example.prefix, rest])[first:end].astype(np.int64))
             row_example.append(sequence)
             row_number.append(example.first_row + k)
             row_tokens.append(end - first)
