@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ if __name__ == "__main__":  # run as a script: import the repo's packages, not m
 
 
 from evals.hellaswag_data import CANONICAL_URL, HellaSwagFormatError, check_fits, default_data_dir, load_examples
-from evals.parallel import DEFAULT_CPUS_PER_TASK, DEFAULT_TASKS, gpus_short, launch, prepare
+from evals.parallel import add_fanout_flags, check_fanout_flags, gpus_short, launch, prepare
 from evals.scoring import evaluate
 from gpt2.interop import ModelSourceError, block_size_of, load_gpt, resolve_model_source
 from gpt2.model import pick_device
@@ -42,13 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cache for the downloaded validation set (default: $XDG_CACHE_HOME or ~/.cache, "
                              "then raygpt2/hellaswag)")
     parser.add_argument("--url", default=CANONICAL_URL, help="where to download the validation jsonl from")
-    parser.add_argument("--tasks", type=int, default=DEFAULT_TASKS, help="Ray tasks to split over; 0 = this process")
-    parser.add_argument("--cpus-per-task", type=float, default=DEFAULT_CPUS_PER_TASK, help="Ray num_cpus per task")
-    parser.add_argument("--gpus-per-task", type=float, default=0.0, help="Ray num_gpus per task (e.g. 0.25)")
-    parser.add_argument("--batch-tokens", type=int, help="padded tokens per forward pass (default by device)")
-    parser.add_argument("--device", default="auto", help="device for --tasks 0: auto (a GPU if there is one), cpu, "
-                                                         "cuda or cuda:N")
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local cluster)")
+    add_fanout_flags(parser)
     return parser
 
 
@@ -83,17 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, float | int]:
 def main(argv: list[str] | None = None) -> dict[str, float | int]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.tasks < 0:
-        parser.error(f"--tasks must be 0 (this process) or more, got {args.tasks}")
-    if args.batch_tokens is not None and args.batch_tokens < 1:
-        parser.error(f"--batch-tokens must be positive, got {args.batch_tokens}")
-    for flag, value in (("--cpus-per-task", args.cpus_per_task), ("--gpus-per-task", args.gpus_per_task)):
-        if not (math.isfinite(value) and value >= 0):
-            parser.error(f"{flag} must be a finite number >= 0, got {value}")
-    try:
-        pick_device(args.device)
-    except ValueError as err:
-        parser.error(str(err))
+    check_fanout_flags(parser, args)
     try:
         result = run(args)
     except (HellaSwagFormatError, ModelSourceError, ConnectionError, ClusterTooSmall) as err:

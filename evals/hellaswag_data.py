@@ -11,15 +11,13 @@ context as (length, tokens...) and each completion as (length, tokens...).
 
 from __future__ import annotations
 
-import json
 import os
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipelines.files import atomic_write
+from pipelines.files import cache_root, fetch, jsonl_records
 from pipelines.tokenizer import gpt2_encoding
 
 CANONICAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -36,9 +34,8 @@ class HellaSwagFormatError(ValueError):
 
 
 def default_data_dir() -> Path:
-    """Where the downloaded validation set is cached: $XDG_CACHE_HOME/raygpt2/hellaswag, an empty
-    XDG_CACHE_HOME counting as unset (as the XDG spec says), else ~/.cache/raygpt2/hellaswag."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "raygpt2" / "hellaswag"
+    """Where the downloaded validation set is cached (read when asked: the environment may change)."""
+    return cache_root() / "hellaswag"
 
 
 @dataclass(frozen=True)
@@ -83,27 +80,12 @@ def _check_record(record: object) -> str | None:
 def read_jsonl(path: str | os.PathLike) -> list[Example]:
     """Examples from a HellaSwag-schema jsonl file (blank lines skipped), tokenized with GPT-2's BPE."""
     encoding = gpt2_encoding()
-    path = Path(path)
     examples = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise HellaSwagFormatError(f"{path}: cannot read HellaSwag jsonl ({err})") from err
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise HellaSwagFormatError(f"{path}:{number}: bad JSON ({err.msg})") from err
-        if problem := _check_record(record):
-            raise HellaSwagFormatError(f"{path}:{number}: {problem}")
+    for _, record in jsonl_records(Path(path), _check_record, HellaSwagFormatError):
         # encode_ordinary: text that happens to contain "<|endoftext|>" is scored as text, not as EOT.
         endings = tuple(tuple(encoding.encode_ordinary(" " + ending)) for ending in record["endings"])
         examples.append(Example(len(examples), tuple(encoding.encode_ordinary(record["ctx"])), endings,
                                 record["label"]))
-    if not examples:
-        raise HellaSwagFormatError(f"{path}: no examples")
     return examples
 
 
@@ -155,15 +137,10 @@ def read_eval_bin(path: str | os.PathLike) -> list[Example]:
 
 
 def download(url: str, destination: Path, timeout: float = 60.0) -> Path:
-    """Fetch `url` into `destination` through a temp name, so an interrupted download is never cached."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, atomic_write(destination) as out:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-    except OSError as err:  # URLError, HTTPError and socket timeouts are all OSErrors
+        return fetch(url, destination, timeout)
+    except OSError as err:
         raise HellaSwagFormatError(f"cannot download HellaSwag from {url}: {err}") from err
-    return destination
 
 
 def is_eval_bin(path: Path) -> bool:

@@ -1,8 +1,9 @@
-"""HellaSwag fanned out over Ray tasks, and evaluated concurrently with training.
+"""Evals (HellaSwag, CORE) fanned out over Ray tasks, and evaluated concurrently with training.
 
 The batch plan is made once, in the driver, and dealt round-robin into K groups, so each example is
-scored in the same batch whatever K is: the result is identical for any K. Each group is put in the
-object store once (`EvalSet`), so a training loop launching an eval per -v step only submits tasks.
+scored in the same batch whatever K is: the result is identical for any K. The tasks return per-row scores;
+the eval's own summary (HellaSwag's acc_norm, CORE's accuracies) is computed from them in the driver. Each
+group is put in the object store once (`EvalSet`), so a training loop launching an eval per -v step only submits tasks.
 A model reaches the tasks as a path (a checkpoint, run directory, llm.c or Hugging Face file) or as a
 `WeightsSnapshot`: its weights in the object store, which any node can read and nothing has to delete.
 Ray is imported inside the functions: the scorer must stay importable where Ray is not installed.
@@ -10,6 +11,8 @@ Ray is imported inside the functions: the scorer must stay importable where Ray 
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -19,16 +22,42 @@ from typing import Any
 import torch
 
 from evals.hellaswag_data import Example, load_examples
-from evals.scoring import Batch, Scores, default_batch_tokens, plan_batches, score_batches, summarize
+from evals.scoring import Batch, RowScores, default_batch_tokens, hellaswag_result, plan_batches, score_rows
 from gpt2.interop import load_gpt, resolve_model_source
 from gpt2.mainlog import EvalLog
-from gpt2.model import GPT, GPTConfig
+from gpt2.model import GPT, GPTConfig, pick_device
 
 DEFAULT_TASKS = 2
 # Fractional by default: K eval tasks fit beside a training job on a small machine instead of waiting
 # for whole CPUs (shared/notes: whole-CPU actors stalled a 2-CPU cluster).
 DEFAULT_CPUS_PER_TASK = 0.5
 Result = dict[str, float | int]
+
+
+def add_fanout_flags(parser: argparse.ArgumentParser) -> None:
+    """The eval CLIs' flags for where scoring runs: K Ray tasks (and their resources) or this process."""
+    parser.add_argument("--tasks", type=int, default=DEFAULT_TASKS, help="Ray tasks to split over; 0 = this process")
+    parser.add_argument("--cpus-per-task", type=float, default=DEFAULT_CPUS_PER_TASK, help="Ray num_cpus per task")
+    parser.add_argument("--gpus-per-task", type=float, default=0.0, help="Ray num_gpus per task (e.g. 0.25)")
+    parser.add_argument("--batch-tokens", type=int, help="padded tokens per forward pass (default by device)")
+    parser.add_argument("--device", default="auto", help="device for --tasks 0: auto (a GPU if there is one), cpu, "
+                                                         "cuda or cuda:N")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local cluster)")
+
+
+def check_fanout_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`parser.error` (one line, exit 2) for a fan-out flag out of range."""
+    if args.tasks < 0:
+        parser.error(f"--tasks must be 0 (this process) or more, got {args.tasks}")
+    if args.batch_tokens is not None and args.batch_tokens < 1:
+        parser.error(f"--batch-tokens must be positive, got {args.batch_tokens}")
+    for flag, value in (("--cpus-per-task", args.cpus_per_task), ("--gpus-per-task", args.gpus_per_task)):
+        if not (math.isfinite(value) and value >= 0):
+            parser.error(f"{flag} must be a finite number >= 0, got {value}")
+    try:
+        pick_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 @dataclass(frozen=True)
@@ -56,34 +85,42 @@ ModelSource = str | os.PathLike | WeightsSnapshot
 
 
 def _score_group(source: ModelSource, batches: list[Batch], use_gpu: bool,
-                 threads: int) -> tuple[Scores, float, float]:
+                 threads: int) -> tuple[RowScores, float, float]:
     """One Ray task: load the model, score its batches; returns the scores and the task's wall-clock span."""
     started = time.time()
     torch.set_num_threads(threads)
     device = "cuda" if use_gpu else "cpu"
     model = source.load(device) if isinstance(source, WeightsSnapshot) else load_gpt(source, device)
-    return score_batches(model, batches), started, time.time()
+    return score_rows(model, batches), started, time.time()
 
 
 @dataclass(frozen=True)
 class EvalSet:
-    """Examples planned into batches and dealt into per-task groups held in Ray's object store."""
+    """Examples planned into batches and dealt into per-task groups held in Ray's object store, and how the
+    eval's result is computed from the rows' scores."""
 
     groups: list[Any]  # ObjectRefs of list[Batch]
+    summarize: Callable[[RowScores], Result]
+
+
+def deal(batches: Sequence[Batch], tasks: int) -> list[Any]:
+    """`batches` dealt round-robin into (at most) `tasks` groups, each put in the object store once."""
+    import ray
+
+    if tasks < 1:
+        raise ValueError(f"--tasks must be at least 1, got {tasks}")
+    return [ray.put(list(batches[k::tasks])) for k in range(min(tasks, len(batches)))]
 
 
 def prepare(examples: Sequence[Example] | str | os.PathLike, tasks: int = DEFAULT_TASKS,
             batch_tokens: int | None = None, gpu: bool = False) -> EvalSet:
-    """Plan `examples` (or a HellaSwag file) into `tasks` groups and put them in the object store."""
-    import ray
-
+    """Plan HellaSwag `examples` (or a HellaSwag file) into `tasks` groups and put them in the object store."""
     if tasks < 1:
         raise ValueError(f"--tasks must be at least 1, got {tasks}")
     if isinstance(examples, (str, os.PathLike)):
         examples = load_examples(examples)
     batches = plan_batches(examples, batch_tokens or default_batch_tokens("cuda" if gpu else "cpu"))
-    groups = [batches[k::tasks] for k in range(min(tasks, len(batches)))]
-    return EvalSet([ray.put(group) for group in groups])
+    return EvalSet(deal(batches, tasks), hellaswag_result)
 
 
 @dataclass
@@ -92,6 +129,7 @@ class EvalHandle:
 
     refs: list[Any]
     submitted_at: float
+    summarize: Callable[[RowScores], Result]
     task_spans: list[tuple[float, float]] = field(default_factory=list)  # (start, end) per task, once done
     _result: Result | None = None
 
@@ -102,14 +140,14 @@ class EvalHandle:
         return len(done) == len(self.refs)
 
     def result(self, timeout: float | None = None) -> Result:
-        """acc, acc_norm, num_correct, num_correct_norm, num_total; raises TimeoutError (Ray's GetTimeoutError)
-        if not done within `timeout` seconds, or the task's error if one failed."""
+        """The eval's summary (HellaSwag: acc, acc_norm, num_correct, num_correct_norm, num_total); raises
+        TimeoutError (Ray's GetTimeoutError) if not done within `timeout` seconds, or a task's error."""
         import ray
 
         if self._result is None:
             outputs = ray.get(self.refs, timeout=timeout)
             self.task_spans = [(start, end) for _, start, end in outputs]
-            self._result = summarize(Scores.concatenate(scores for scores, _, _ in outputs))
+            self._result = self.summarize(RowScores.concatenate(scores for scores, _, _ in outputs))
         return self._result
 
     def cancel(self) -> None:
@@ -144,7 +182,7 @@ def launch(source: ModelSource, examples: EvalSet | Sequence[Example] | str | os
     remote = ray.remote(_score_group).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)
     submitted_at = time.time()  # before the first task can start
     refs = [remote.remote(source, group, num_gpus > 0, threads) for group in examples.groups]
-    return EvalHandle(refs, submitted_at)
+    return EvalHandle(refs, submitted_at, examples.summarize)
 
 
 class ConcurrentEvals:
@@ -154,25 +192,29 @@ class ConcurrentEvals:
     result)` for an eval scored elsewhere (in-loop), `finish()` before exiting. An eval due while another runs
     waits; only the newest waits, so when evals are slower than the -v interval the older waiting one is
     skipped (`on_skip(step, reason)`) rather than queued: the backlog is bounded by one. `report(step,
-    result)` gets every result as it is collected; main.log gets the `s:%d eval:%f` lines in step order.
+    result)` gets every result as it is collected; main.log gets the `s:%d <stream>:%f` lines of `result[key]`
+    in step order (HellaSwag: eval / acc_norm; CORE: core / core).
     """
 
-    def __init__(self, examples: EvalSet, log_path: str | os.PathLike | None, num_cpus: float = DEFAULT_CPUS_PER_TASK,
-                 num_gpus: float = 0.0, report: Callable[[int, Result, EvalHandle | None], None] | None = None,
-                 on_skip: Callable[[int, str], None] | None = None):
+    def __init__(self, examples: EvalSet | None, log_path: str | os.PathLike | None,
+                 num_cpus: float = DEFAULT_CPUS_PER_TASK, num_gpus: float = 0.0,
+                 report: Callable[[int, Result, EvalHandle | None], None] | None = None,
+                 on_skip: Callable[[int, str], None] | None = None, stream: str = "eval", key: str = "acc_norm"):
         self.examples = examples
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
-        self.log = EvalLog(log_path) if log_path is not None else None
+        self.log = EvalLog(log_path, stream) if log_path is not None else None
+        self.key = key
         self.report, self.on_skip = report, on_skip
         self.running: tuple[int, EvalHandle] | None = None
-        self.waiting: tuple[int, ModelSource] | None = None
+        self.waiting: tuple[int, ModelSource, EvalSet] | None = None
 
-    def submit(self, step: int, source: ModelSource) -> None:
+    def submit(self, step: int, source: ModelSource, examples: EvalSet | None = None) -> None:
+        """Score `source` for `step`, on `examples` (default: the EvalSet given at construction)."""
         if self.log:
             self.log.expect(step)
         if self.waiting:
             self._skip(self.waiting[0], f"the eval of step {step} was due before it could start")
-        self.waiting = (step, source)
+        self.waiting = (step, source, examples or self.examples)
         self._start_waiting()
 
     def record(self, step: int, result: Result, handle: EvalHandle | None = None) -> None:
@@ -180,7 +222,7 @@ class ConcurrentEvals:
         if self.report:
             self.report(step, result, handle)
         if self.log:
-            self.log.record(step, float(result["acc_norm"]))
+            self.log.record(step, float(result[self.key]))
 
     def poll(self) -> None:
         """Record the running eval if it has finished, and start the waiting one; never blocks. A failed eval
@@ -208,9 +250,9 @@ class ConcurrentEvals:
 
     def _start_waiting(self) -> None:
         if self.waiting and not self.running:
-            step, source = self.waiting
+            step, source, examples = self.waiting
             self.waiting = None
-            self.running = (step, launch(source, self.examples, num_cpus=self.num_cpus, num_gpus=self.num_gpus))
+            self.running = (step, launch(source, examples, num_cpus=self.num_cpus, num_gpus=self.num_gpus))
 
     def _skip(self, step: int, reason: str) -> None:
         if self.log:

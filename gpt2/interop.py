@@ -133,6 +133,12 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
+def _hf_shape(n_layer: int, n_head: int, n_embd: int, n_positions: int, vocab_size: int) -> GPTConfig:
+    """Our config for a transformers GPT-2 shape: its vocab padded as llm.c pads GPT-2's (to a multiple of 128)."""
+    padded = PADDED_VOCAB if vocab_size == GPT2_VOCAB else -(-vocab_size // 128) * 128
+    return GPTConfig(n_layer, n_head, n_embd, n_positions, vocab_size, padded)
+
+
 def gpt_from_hf(hf: torch.nn.Module, source: str = "model") -> GPT:
     """Our GPT holding a transformers GPT2LMHeadModel's weights (vocab padded with zero rows, Conv1D weights
     transposed back)."""
@@ -140,8 +146,8 @@ def gpt_from_hf(hf: torch.nn.Module, source: str = "model") -> GPT:
     if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or c.layer_norm_epsilon != 1e-5:
         raise ModelSourceError(f"{source}: activation {c.activation_function!r} / layer norm eps "
                                f"{c.layer_norm_epsilon}; GPT-2 expects tanh GELU and 1e-5")
-    padded = PADDED_VOCAB if c.vocab_size == GPT2_VOCAB else -(-c.vocab_size // 128) * 128
-    config = GPTConfig(c.n_layer, c.n_head, c.n_embd, c.n_positions, c.vocab_size, padded)
+    config = _hf_shape(c.n_layer, c.n_head, c.n_embd, c.n_positions, c.vocab_size)
+    padded = config.padded_vocab_size
     theirs = hf.state_dict()
     weights = {name: theirs[hf_name].t().contiguous() if transposed else theirs[hf_name].clone()
                for name, (hf_name, transposed) in _hf_names(config).items()}
@@ -211,3 +217,17 @@ def load_gpt(path: str | os.PathLike, device: torch.device | str = "cpu") -> GPT
     except (CheckpointError, LlmcFormatError, OSError) as err:
         raise ModelSourceError(str(err)) from err
     return model.to(device).eval()
+
+
+def read_model_config(path: str | os.PathLike) -> GPTConfig:
+    """The shape of the model at `path` (any source `load_gpt` reads), without loading its weights."""
+    path = resolve_model_source(path)
+    try:
+        if (path / "state.json").is_file():
+            return model_config(read_state(path))
+        if (path / "config.json").is_file():
+            c = json.loads((path / "config.json").read_text())
+            return _hf_shape(c["n_layer"], c["n_head"], c["n_embd"], c["n_positions"], c["vocab_size"])
+        return read_llmc_header(path)[0]
+    except (CheckpointError, LlmcFormatError, OSError, KeyError, TypeError, ValueError) as err:
+        raise ModelSourceError(f"{path}: cannot read the model's shape ({err})") from err

@@ -1,10 +1,11 @@
 """llm.c's `main.log`: the one module that writes, trims and reads it.
 
 Lines are llm.c's: `s:%d trl:%f lr:%e norm:%f` (train loss, after step s's update), `s:%d tel:%f` (val loss
-at step s) and `s:%d eval:%f` (HellaSwag acc_norm of the checkpoint at step s), plus one stream of ours:
-`s:%d workers:%d`, written when a run resumes at step s with another number of ranks than trained before
-it (an elastic resize). It has the two fields llm.c's dev/vislog notebook asserts for every stream but trl,
-so the notebook reads it as one more stream and plots what it always did. The notebook keeps the last value
+at step s) and `s:%d eval:%f` (HellaSwag acc_norm of the checkpoint at step s), plus two streams of ours:
+`s:%d core:%f` (the CORE metric of the checkpoint at step s, run.py --core-every) and `s:%d workers:%d`,
+written when a run resumes at step s with another number of ranks than trained before it (an elastic
+resize). They have the two fields llm.c's dev/vislog notebook asserts for every stream but trl, so the
+notebook reads them as more streams and plots what it always did. The notebook keeps the last value
 per step of each stream, so every stream is written in step order, HellaSwag results included, however
 late an eval finishes. Lines are only ever appended, whole, one write each: the training loop and the eval
 collector append to the same file independently.
@@ -19,8 +20,8 @@ from pathlib import Path
 
 from pipelines.files import atomic_write
 
-_LINE = re.compile(r"^s:(\d+) (trl|tel|eval|workers):([-+0-9.eEnaif]+)")
-STREAMS = ("trl", "tel", "eval", "workers")
+_LINE = re.compile(r"^s:(\d+) (trl|tel|eval|core|workers):([-+0-9.eEnaif]+)")
+STREAMS = ("trl", "tel", "eval", "core", "workers")
 
 
 def trim(path: Path, resume_step: int) -> None:
@@ -56,11 +57,11 @@ class MainLog:
 
 
 class EvalLog:
-    """HellaSwag lines in step order: holds each result until every earlier expected step has its line (or
-    was given up), then appends."""
+    """An eval's lines (`stream`: eval = HellaSwag, core = CORE) in step order: holds each result until every
+    earlier expected step has its line (or was given up), then appends."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, stream: str = "eval"):
+        self.path, self.stream = Path(path), stream
         self._pending: set[int] = set()
         self._finished: dict[int, float | None] = {}
 
@@ -68,9 +69,9 @@ class EvalLog:
         """An eval for `step` is under way: later steps' lines wait for it."""
         self._pending.add(step)
 
-    def record(self, step: int, acc_norm: float) -> list[int]:
+    def record(self, step: int, value: float) -> list[int]:
         """Store `step`'s result; returns the steps whose lines were written now."""
-        return self._resolve(step, acc_norm)
+        return self._resolve(step, value)
 
     def give_up(self, step: int) -> list[int]:
         """`step`'s eval failed or was skipped: write no line for it and stop holding later steps back."""
@@ -86,7 +87,7 @@ class EvalLog:
         if written:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
-                f.write("".join(f"s:{s} eval:{values[s]:.6f}\n" for s in written))
+                f.write("".join(f"s:{s} {self.stream}:{values[s]:.6f}\n" for s in written))
         return written
 
 
@@ -98,8 +99,8 @@ def record_workers(path: Path, step: int, workers: int) -> None:
 
 
 def read(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """{'trl': [(step, value)], 'tel': [...], 'eval': [...], 'workers': [...]} in step order; a later line for a
-    step wins."""
+    """{'trl': [(step, value)], 'tel': [...], 'eval': [...], 'core': [...], 'workers': [...]} in step order; a
+    later line for a step wins."""
     series: dict[str, dict[int, float]] = defaultdict(dict)
     for line in path.read_text().splitlines():
         if match := _LINE.match(line):

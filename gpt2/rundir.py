@@ -6,6 +6,7 @@ is in it, claims it for one writer, and cleans only what it recognises as the pr
       ckpt_XXXXXXXX/                    checkpoint after X steps: model.pt optimizer.pt rng.pt state.json
       .ckpt_XXXXXXXX.raygpt2-*          a checkpoint being written or swapped out (gpt2/checkpoint.py)
       hellaswag.jsonl                   run.py -h 1's eval records
+      core.jsonl                        run.py --core-every's eval records
       summary.json                      run.py's end-of-run summary
       main.png                          training/plot.py's default plot
       checkpoint_manager_snapshot.json  Ray Train's list of the checkpoints it registered (run.py)
@@ -37,6 +38,7 @@ from typing import Any
 
 MAIN_LOG = "main.log"
 HELLASWAG_RECORDS = "hellaswag.jsonl"
+CORE_RECORDS = "core.jsonl"
 SUMMARY = "summary.json"
 PLOT = "main.png"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -45,9 +47,9 @@ LOCK = ".raygpt2.lock"
 MODEL_PART, OPTIMIZER_PART, RNG_PART = "model.pt", "optimizer.pt", "rng.pt"
 CHECKPOINT_PARTS = (MODEL_PART, OPTIMIZER_PART, RNG_PART)
 CHECKPOINT_STATE = "state.json"
-RUN_LOGS = (MAIN_LOG, HELLASWAG_RECORDS)  # a URL -o gets them with every checkpoint
+RUN_LOGS = (MAIN_LOG, HELLASWAG_RECORDS, CORE_RECORDS)  # a URL -o gets them with every checkpoint
 # Files that say "a run wrote here" when not empty; the plot and Ray's marker do not make a run.
-RUN_RECORDS = (MAIN_LOG, HELLASWAG_RECORDS, SUMMARY, RAY_SNAPSHOT)
+RUN_RECORDS = (MAIN_LOG, HELLASWAG_RECORDS, CORE_RECORDS, SUMMARY, RAY_SNAPSHOT)
 PRODUCT_FILES = (*RUN_RECORDS, PLOT, RAY_STORAGE_MARKER)
 _CHECKPOINT = re.compile(r"^ckpt_(\d{8})$")
 _CHECKPOINT_TEMP = re.compile(r"^\.ckpt_\d{8}\.raygpt2-(partial|old)-[0-9a-f-]+$")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -92,3 +93,43 @@ def write_json(path: str | os.PathLike, payload: Any) -> None:
     with atomic_write(path, "w") as f:
         json.dump(payload, f, indent=2)
         f.write("\n")
+
+
+def cache_root() -> Path:
+    """Where downloads are cached: $XDG_CACHE_HOME/raygpt2, or ~/.cache/raygpt2 when it is unset or empty (the
+    XDG spec treats an empty value as unset)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "raygpt2"
+
+
+def fetch(url: str, destination: Path, timeout: float = 60.0) -> Path:
+    """Download `url` to `destination` through a temp name, so an interrupted download is never mistaken for a
+    finished one. Raises OSError (URLError, HTTPError and socket timeouts are all OSErrors)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with urllib.request.urlopen(url, timeout=timeout) as response, atomic_write(destination) as out:
+        while chunk := response.read(1 << 20):
+            out.write(chunk)
+    return destination
+
+
+def jsonl_records(path: Path, problem_of: Callable[[Any], str | None],
+                  error: Callable[[str], Exception]) -> list[tuple[int, Any]]:
+    """(line number, record) for each non-blank line of a jsonl file; `error(message)` is raised, the message
+    naming the file and line, for an unreadable file, bad JSON or a record `problem_of` finds fault with."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"{path}: cannot read ({err})") from err
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{path}:{number}: bad JSON ({err.msg})") from err
+        if problem := problem_of(record):
+            raise error(f"{path}:{number}: {problem}")
+        records.append((number, record))
+    if not records:
+        raise error(f"{path}: no examples")
+    return records

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from pipelines.shards import shard_name, write_shard
-from tests.helpers import make_shards, run_cli, run_subprocess, tiny_config
+from tests.helpers import REPO, make_shards, run_cli, run_subprocess, tiny_config
 from training.train import train
 
 RAY_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING) \S+\.py:\d+ -- ")
@@ -134,6 +134,18 @@ def _malformed_hellaswag(tmp: Path) -> Path:
     return _jsonl(tmp, [json.dumps(GOOD_EXAMPLE), json.dumps({**GOOD_EXAMPLE, "label": 7})], "hellaswag.jsonl")
 
 
+def _bundle_without_baseline(tmp: Path) -> Path:
+    """The smoke CORE bundle, copied, with one task's row gone from eval_meta_data.csv."""
+    smoke = REPO / "evals" / "data" / "core_smoke"
+    bundle = tmp / "bundle"
+    for path in smoke.rglob("*.*"):
+        (bundle / path.relative_to(smoke)).parent.mkdir(parents=True, exist_ok=True)
+        (bundle / path.relative_to(smoke)).write_bytes(path.read_bytes())
+    meta = bundle / "eval_meta_data.csv"
+    meta.write_text("".join(line for line in meta.read_text().splitlines(keepends=True) if "pronouns" not in line))
+    return bundle
+
+
 def _tokenize_lines(*bad: tuple[int, bytes]) -> Callable[[Path], list[str]]:
     """tokenize.py on a jsonl whose line N (1-based) is replaced by raw bytes: errors met inside a worker."""
     def setup(tmp: Path) -> list[str]:
@@ -228,6 +240,14 @@ CASES = [
     Case("hellaswag.py: label out of range", lambda tmp: ["evals/hellaswag.py", "--checkpoint", str(_checkpoint(tmp)),
                                                           "--file", str(_malformed_hellaswag(tmp)), "--tasks", "0"],
          "hellaswag.jsonl:2"),
+    Case("core.py: a task without a random baseline",
+         lambda tmp: ["evals/core.py", "--checkpoint", str(_checkpoint(tmp)), "--bundle",
+                      str(_bundle_without_baseline(tmp)), "--tasks", "0"],
+         "eval_meta_data.csv: field 'Random baseline'"),
+    Case("run.py: --core-every with a bundle missing a baseline",
+         lambda tmp: ["training/run.py", *_engine_flags(_shards(tmp), tmp / "run", "-v", "2", "--core-every",
+                                                        "2", "--core-bundle", str(_bundle_without_baseline(tmp)))],
+         "no row for task 'smoke_pronouns'"),
     Case("run.py: -h 1 with a malformed --hellaswag-file",
          lambda tmp: ["training/run.py", *_engine_flags(_shards(tmp), tmp / "run", "-h", "1", "--hellaswag-file",
                                                         str(_malformed_hellaswag(tmp)))], "hellaswag.jsonl:2"),

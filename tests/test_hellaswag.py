@@ -27,9 +27,9 @@ from tests.helpers import HeldCPUs, hellaswag_records, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
-def random_model(seed: int = 0) -> GPT:
-    """A tiny GPT whose biases are random too, so endings get clearly different losses."""
-    model = GPT(GPTConfig.from_descriptor("L2H2C64"), seed=seed)
+def random_model(seed: int = 0, config: GPTConfig | None = None) -> GPT:
+    """A tiny GPT (L2H2C64 by default) whose biases are random too, so endings get clearly different losses."""
+    model = GPT(config or GPTConfig.from_descriptor("L2H2C64"), seed=seed)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():

@@ -13,7 +13,8 @@ ALLOWED = {"pipelines": set(), "gpt2": {"pipelines"}, "evals": {"pipelines", "gp
            "training": {"pipelines", "gpt2", "evals"}}
 # Modules that connect to Ray; everything else runs where Ray is not installed (the GPU box has none).
 LAUNCHERS = {"pipelines.tokenize", "pipelines.cluster", "pipelines.dataset", "training.run", "training.run_hellaswag",
-             "training.spot_watch", "evals.parallel", "evals.hellaswag"}
+             "training.spot_watch", "evals.parallel", "evals.hellaswag",
+             "evals.core"}
 
 
 def _modules() -> list[str]:

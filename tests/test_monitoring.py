@@ -36,6 +36,7 @@ from training.monitor import (
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "evals" / "data" / "hellaswag_smoke.jsonl"
+CORE_SMOKE = REPO / "evals" / "data" / "core_smoke"
 RUN_NAME = "monitored"
 STEPS, EVERY = 100, 50
 EXPORT_INTERVAL_S = 5
@@ -102,7 +103,8 @@ def run(head, prometheus, probe, tmp_path_factory):
          "1", "-i", str(data / "*_train_*.bin"), "-j", str(data / "*_val_*.bin"),
          "-o", str(tmp_path_factory.mktemp("runs") / RUN_NAME), "-e", "L2H2C64", "-b", "2", "-t", "32",
          "-x", str(STEPS), "-v", str(EVERY), "-m", "2", "-s", str(EVERY), "-g", "8", "-h", "1",
-         "--hellaswag-file", str(SMOKE), "--gpu-hour-usd", "1.0"],
+         "--hellaswag-file", str(SMOKE), "--core-every", str(EVERY), "--core-bundle", str(CORE_SMOKE),
+         "--gpu-hour-usd", "1.0"],
         cwd=REPO, env=head.env, capture_output=True, text=True, timeout=600)
     assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:]
     return {"log": driver.stdout + driver.stderr, "started": started}

@@ -84,3 +84,18 @@ def test_a_main_log_without_loss_lines_is_one_line_exit_2(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"plot.py: error: {tmp_path / 'run' / 'main.log'}: no loss lines to plot")
     assert not (tmp_path / "run" / "main.png").exists()
+
+
+def test_core_lines_get_their_own_panel(tmp_path):
+    write_run(tmp_path / "run")
+    with open(tmp_path / "run" / "main.log", "a") as f:
+        f.write("s:25 core:0.010000\ns:49 core:0.031000\n")
+    assert mainlog.read(tmp_path / "run" / "main.log")["core"] == [(25, 0.01), (49, 0.031)]
+    result = plot_cli(tmp_path / "run")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    with Image.open(tmp_path / "run" / "main.png") as image:
+        wide = image.size[0]
+    write_run(tmp_path / "without")
+    assert plot_cli(tmp_path / "without").returncode == 0
+    with Image.open(tmp_path / "without" / "main.png") as image:
+        assert wide > 1.3 * image.size[0]  # a third panel

@@ -62,6 +62,8 @@ SERIES: tuple[Series, ...] = (
     Series("hellaswag_acc_norm", "raygpt2_hellaswag_acc_norm", "HellaSwag acc_norm (llm.c's headline number) of "
                                                                "the last -h 1 eval as a fraction 0-1",
            "percentunit"),
+    Series("core", "raygpt2_core", "CORE (DCLM's in-context suite: centered accuracy averaged over its tasks, as "
+                                   "nanochat scores it) of the last --core-every eval", "none"),
 )
 
 

@@ -52,8 +52,9 @@ SERVICE_DISCOVERY = "prom_metrics_service_discovery.json"
 BY_KEY = {series.key: series for series in SERIES}
 # (title, panel type, width of 24, [(series key, legend)]): one row of these per run.
 PANELS = (
-    ("Loss", "timeseries", 12, [("loss", "train"), ("val_loss", "val")]),
-    ("HellaSwag (-h 1)", "timeseries", 12, [("hellaswag_acc_norm", "acc_norm"), ("hellaswag_acc", "acc")]),
+    ("Loss", "timeseries", 8, [("loss", "train"), ("val_loss", "val")]),
+    ("HellaSwag (-h 1)", "timeseries", 8, [("hellaswag_acc_norm", "acc_norm"), ("hellaswag_acc", "acc")]),
+    ("CORE (--core-every)", "timeseries", 8, [("core", "CORE")]),
     ("Learning rate", "timeseries", 8, [("lr", "lr")]),
     ("Gradient norm", "timeseries", 8, [("norm", "grad norm")]),
     ("Throughput", "timeseries", 8, [("tokens_per_second", "tok/s")]),

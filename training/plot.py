@@ -1,4 +1,5 @@
-"""Plot a run's main.log like llm.c's dev/vislog notebook: loss on the left, HellaSwag on the right.
+"""Plot a run's main.log like llm.c's dev/vislog notebook: loss on the left, HellaSwag on the right, and CORE
+beside them when the run scored it (run.py --core-every).
 
     python training/plot.py OUT_DIR [--model d12] [-o OUT_DIR/main.png] [--overwrite]
 
@@ -28,6 +29,7 @@ PRESET_SIZES = {"d12": "124M", "d24": "350M", "d36": "774M", "d48": "1558M"}
 GPT2_FINEWEB_VAL_LOSS = {"124M": 3.42, "350M": 3.08, "774M": 3.00, "1558M": 2.83}
 GPT2_HELLASWAG = {"124M": 0.294, "350M": 0.375, "774M": 0.432, "1558M": 0.489}
 GPT3_HELLASWAG = {"124M": 0.337, "350M": 0.436, "774M": 0.510, "1558M": 0.547}
+GPT2_XL_CORE = 0.2565  # OpenAI's GPT-2 1.5B on CORE, the mark nanochat's "time to GPT-2" runs aim at
 
 def model_size(run_dir: Path, model: str | None) -> str | None:
     """GPT-2 size name of the run's model, from -e/--model or the newest checkpoint's state.json."""
@@ -51,7 +53,8 @@ def plot(series: dict[str, list[tuple[int, float]]], output: Path, title: str, s
     matplotlib.use("Agg")  # files only: runs on headless nodes
     import matplotlib.pyplot as plt
 
-    figure, (loss_axis, eval_axis) = plt.subplots(1, 2, figsize=(16, 6))
+    figure, (loss_axis, eval_axis, *core_axis) = plt.subplots(1, 3 if series["core"] else 2,
+                                                              figsize=(24 if series["core"] else 16, 6))
     for kind, label in (("trl", "train loss"), ("tel", "val loss")):
         if series[kind]:
             steps, values = zip(*series[kind], strict=True)
@@ -70,7 +73,12 @@ def plot(series: dict[str, list[tuple[int, float]]], output: Path, title: str, s
     if not series["eval"]:
         eval_axis.text(0.5, 0.5, "no HellaSwag evals in main.log (-h 1 runs them)", ha="center",
                        transform=eval_axis.transAxes)
-    for axis in (loss_axis, eval_axis):
+    if core_axis:
+        steps, values = zip(*series["core"], strict=True)
+        core_axis[0].plot(steps, values, label="CORE", marker="o" if len(steps) == 1 else None)
+        core_axis[0].axhline(GPT2_XL_CORE, color="r", linestyle="--", label="OpenAI GPT-2 (1558M)")
+        core_axis[0].set(xlabel="step", ylabel="CORE (centered accuracy, mean over tasks)", title="CORE")
+    for axis in (loss_axis, eval_axis, *core_axis):
         if axis.get_legend_handles_labels()[0]:
             axis.legend()
     figure.suptitle(title + (f" — GPT-2 {size}" if size else ""))

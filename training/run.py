@@ -22,9 +22,9 @@ between that the cluster has room for and restarts it at a new size from the lat
 is lost or added. -d stays the global batch at every size (training/elastic.py checks the sizes at launch);
 each new group's rank 0 records a resize on the console and in main.log.
 
-`-h 1` (llm.c's flag) scores HellaSwag on every -v step's checkpoint in Ray tasks beside the training
-(training/run_hellaswag.py). Rank 0 prints elapsed / ETA / estimated cost every -v steps and writes
-`summary.json` at the end (training/progress.py).
+`-h 1` (llm.c's flag) scores HellaSwag on every -v step's checkpoint in Ray tasks beside the training, and
+`--core-every N` CORE every N steps (training/run_hellaswag.py). Rank 0 prints elapsed / ETA / estimated cost
+every -v steps and writes `summary.json` at the end (training/progress.py).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ if __name__ == "__main__":  # run as a script: make the repo root importable, th
 
 import torch
 
+from evals.core_data import CoreFormatError, locate_bundle, read_bundle
 from evals.hellaswag_data import HellaSwagFormatError, check_fits, load_examples
 from evals.parallel import gpus_short
 from gpt2.checkpoint import CheckpointError, read_state
@@ -63,7 +64,16 @@ from training.data import shard_files
 from training.elastic import check_group_sizes, record_resize, uneven_split_note
 from training.gauges import RunGauges
 from training.progress import Progress, hour_price
-from training.run_hellaswag import PLACEMENTS, HellaSwagBesideTraining, HellaSwagSettings, model_shape, settle
+from training.run_hellaswag import (
+    PLACEMENTS,
+    CoreBesideTraining,
+    CoreSettings,
+    HellaSwagBesideTraining,
+    HellaSwagSettings,
+    model_shape,
+    settle,
+    settle_core,
+)
 from training.train import TrainHooks, TrainingDiverged, TrainResult, check_same_run, train
 
 # Elastic runs' RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S unless set (Ray's default: 60 s). After a node is lost, Ray
@@ -72,7 +82,8 @@ from training.train import TrainHooks, TrainingDiverged, TrainResult, check_same
 # group cannot be placed, and this timeout is how soon Ray Train gives up on it and sizes again; a group sized
 # from resources that exist is placed at once.
 ELASTIC_GROUP_START_TIMEOUT_S = 10
-INPUT_ERRORS = (ConfigError, CheckpointError, ShardFormatError, LlmcFormatError, HellaSwagFormatError)
+INPUT_ERRORS = (ConfigError, CheckpointError, ShardFormatError, LlmcFormatError, HellaSwagFormatError,
+                CoreFormatError)
 # Errors that a restart from the last checkpoint would only repeat.
 DETERMINISTIC_ERRORS = (*INPUT_ERRORS, TrainingDiverged, torch.OutOfMemoryError)
 
@@ -100,6 +111,7 @@ class Launch:
     started_at: float  # the launcher's time.time() at launch: elapsed time and cost count from here
     usd_per_worker_hour: float | None  # None: no cost estimate (CPU without --gpu-hour-usd)
     hellaswag: dict[str, Any] | None  # HellaSwagSettings as a dict; None without -h 1
+    core: dict[str, Any] | None = None  # CoreSettings as a dict; None without --core-every
 
 
 def _is_uri(path: str) -> bool:
@@ -136,7 +148,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     ray_flags.add_argument("--gpu-hour-usd", type=float,
                            help="USD per worker-hour for the cost estimate (default: 3.50, an H100, on GPU; on CPU "
                                 "no estimate unless given)")
-    evals = parser.add_argument_group("HellaSwag beside training (llm.c's -h)")
+    evals = parser.add_argument_group("Evals beside training: HellaSwag (llm.c's -h) and CORE")
     evals.add_argument("-h", "--hellaswag", type=int, default=0, choices=(0, 1),
                        help="1 = score HellaSwag at every -v step (and the last), placed by --eval-on (default: 0)")
     evals.add_argument("--eval-on", choices=PLACEMENTS, default="auto",
@@ -146,6 +158,14 @@ def build_run_parser() -> argparse.ArgumentParser:
     evals.add_argument("--hellaswag-file",
                        help="HellaSwag jsonl or llm.c eval .bin (default: the validation set, downloaded once to "
                             "~/.cache/raygpt2/hellaswag/)")
+    evals.add_argument("--core-every", type=int, default=0,
+                       help="score CORE every N steps, a multiple of -v, and at the last step, placed by --eval-on "
+                            "like HellaSwag (default: 0 = never)")
+    evals.add_argument("--core-bundle", help="unzipped CORE eval bundle (default: the public one, downloaded once "
+                                             "to ~/.cache/raygpt2/core/)")
+    evals.add_argument("--core-max-per-task", type=int, default=0,
+                       help="examples per CORE task in the periodic evals; the last step's scores them all "
+                            "(default: 0 = all)")
     evals.add_argument("--eval-tasks", type=int, default=2, help="Ray tasks per eval (default: 2)")
     evals.add_argument("--eval-cpus-per-task", type=float, default=0.5, help="CPUs per eval task (default: 0.5)")
     evals.add_argument("--eval-gpus-per-task", type=float,
@@ -190,7 +210,12 @@ def plan(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         raise ConfigError(f"--max-failures must be -1 (unlimited) or more, got {args.max_failures}")
     if not config.output_dir:
         raise ConfigError("-o is required: it is the Ray Train run directory that checkpoints and restarts use")
-    if args.hellaswag:
+    if args.core_every < 0 or args.core_max_per_task < 0:
+        raise ConfigError("--core-every and --core-max-per-task must not be negative")
+    if args.core_every and (config.val_every <= 0 or args.core_every % config.val_every):
+        raise ConfigError(f"--core-every {args.core_every} must be a multiple of -v {config.val_every} (evals run "
+                          "at -v steps)")
+    if args.hellaswag or args.core_every:
         if args.eval_tasks < 1:
             raise ConfigError(f"--eval-tasks must be at least 1, got {args.eval_tasks}")
         if args.hellaswag_file and not os.path.isfile(args.hellaswag_file):
@@ -370,6 +395,7 @@ class _WorkerHooks:
         self.steps_done: int | None = None  # for error messages; None while the engine sets up
         self.total_steps = config.max_steps  # -1 (one epoch) until the engine's first step says how many
         self.hellaswag_metrics: dict[str, float | int] = {}  # the last eval's, added to reports and the summary
+        self.core_metrics: dict[str, float | int] = {}  # the same for CORE
         self.progress = Progress(launch.started_at, group_starts[0][1], launch.usd_per_worker_hour)
         for at, workers in group_starts[1:]:
             self.progress.resized(at, workers)
@@ -380,6 +406,12 @@ class _WorkerHooks:
                 HellaSwagSettings(**launch.hellaswag), Path(config.output_dir), device, rank, launch.workers,
                 on_result=self._hellaswag_result,
                 resume_step=read_state(config.resume_from)["step"] if config.resume_from else None)
+        self.core = None
+        if launch.core and (rank == 0 or launch.core["placement"] == "ranks"):
+            self.core = CoreBesideTraining(
+                CoreSettings(**launch.core), Path(config.output_dir), device, rank, launch.workers,
+                on_result=self._core_result,
+                resume_step=read_state(config.resume_from)["step"] if config.resume_from else None)
 
     def on_step(self, metrics: dict[str, Any]) -> bool:
         # metrics["step"] is the step index, 0-based like the engine's loop; the console shows it 1-based.
@@ -387,7 +419,8 @@ class _WorkerHooks:
         self.total_steps = metrics.get("total_steps", self.total_steps)
         if self.rank == 0:
             self._track_progress(metrics)
-        done = {**metrics, **self.hellaswag_metrics, "step": self.steps_done, "timestamp": time.time()}
+        done = {**metrics, **self.hellaswag_metrics, **self.core_metrics, "step": self.steps_done,
+                "timestamp": time.time()}
         if self.gauges:
             self.gauges.update({**done, "elapsed_s": self.progress.elapsed(), "cost_usd": self.progress.cost(),
                                 "eta_s": self.progress.eta(self.steps_done, self.total_steps),
@@ -400,8 +433,9 @@ class _WorkerHooks:
     def _track_progress(self, metrics: dict[str, Any]) -> None:
         """Collect finished evals (never waits), and every -v steps print elapsed/ETA/cost (finish() prints
         the last line)."""
-        if self.hellaswag:
-            self.hellaswag.poll(self.steps_done)
+        for evals in (self.hellaswag, self.core):
+            if evals:
+                evals.poll(self.steps_done)
         if "loss" not in metrics:
             return
         self.progress.step_done(self.steps_done)
@@ -414,35 +448,47 @@ class _WorkerHooks:
                                   "hellaswag_acc_norm": result["acc_norm"], "hellaswag_examples": result["num_total"]}
         self.gauges.update(self.hellaswag_metrics)
 
+    def _core_result(self, step: int, result: dict[str, Any]) -> None:
+        self.core_metrics = {"core_step": step, "core": result["core"], "core_examples": result["num_total"]}
+        self.gauges.update(self.core_metrics)
+
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.steps_done = step
         self.reports.register(step, path)
 
     def on_eval(self, step: int, model: torch.nn.Module) -> None:
-        if self.hellaswag:
-            self.hellaswag.on_eval(step, model)
+        for evals in (self.hellaswag, self.core):
+            if evals:
+                evals.on_eval(step, model, last=step == self.total_steps)
 
     def finish(self, result: TrainResult) -> None:
         """After the engine returns, on every rank: rank 0 waits for the last evals and writes summary.json;
         then one last report (a barrier) carries the final HellaSwag result to Ray Train."""
         if self.rank == 0:
-            if self.hellaswag:
-                self.hellaswag.finish()
+            for evals in (self.hellaswag, self.core):
+                if evals:
+                    evals.finish()
             print(self.progress.line(result.steps, result.steps), flush=True)
             self._write_summary(result)
             if self.launch.remote:
                 self.reports.upload(*RUN_LOGS, SUMMARY)
-        self.reports.report({"step": result.steps, **self.hellaswag_metrics, "timestamp": time.time()})
+        self.reports.report({"step": result.steps, **self.hellaswag_metrics, **self.core_metrics,
+                             "timestamp": time.time()})
 
     def _write_summary(self, result: TrainResult) -> None:
         hellaswag = None
         if self.hellaswag_metrics:
             hellaswag = {name.removeprefix("hellaswag_"): value for name, value in self.hellaswag_metrics.items()}
             hellaswag["data"] = self.launch.hellaswag["file"] or "HellaSwag validation set"
+        core = None
+        if self.core_metrics:
+            core = {"step": self.core_metrics["core_step"], "core": self.core_metrics["core"],
+                    "examples": self.core_metrics["core_examples"],
+                    "bundle": self.launch.core["bundle"] or "public CORE eval bundle"}
         device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         summary = {"run": self.launch.run_dir, **self.progress.summary(
             result.steps, self.config.tokens_per_step(self.launch.workers), device),
-            "train_loss": result.train_loss, "val_loss": result.val_loss, "hellaswag": hellaswag}
+            "train_loss": result.train_loss, "val_loss": result.val_loss, "hellaswag": hellaswag, "core": core}
         path = Path(self.config.output_dir) / SUMMARY
         write_json(path, summary)
         print(f"wrote {path if not self.launch.remote else f'{self.launch.run_dir}/{SUMMARY}'}", flush=True)
@@ -501,7 +547,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                     print(resize.line(), flush=True)
             hooks = _WorkerHooks(launch, config, rank, torch.device(config.device), staging, group_starts)
             result = train(config, TrainHooks(on_step=hooks.on_step, on_checkpoint=hooks.on_checkpoint,
-                                              on_eval=hooks.on_eval if launch.hellaswag else None))
+                                              on_eval=hooks.on_eval if launch.hellaswag or launch.core else None))
         except DETERMINISTIC_ERRORS as err:
             steps_done = hooks.steps_done if hooks else None
             step = err.step if isinstance(err, TrainingDiverged) else None if steps_done is None else steps_done + 1
@@ -519,8 +565,9 @@ def _resources(args: argparse.Namespace, cluster: dict[str, float]) -> tuple[boo
     if use_gpu:
         return use_gpu, 1
     cpus = cluster.get("CPU", 1)
-    if args.hellaswag and args.eval_on != "ranks":  # leave eval tasks room beside the workers, in CPU fractions
-        per_worker = (cpus - args.eval_tasks * args.eval_cpus_per_task) / args.workers
+    evals = bool(args.hellaswag) + bool(args.core_every)
+    if evals and args.eval_on != "ranks":  # leave eval tasks room beside the workers, in CPU fractions
+        per_worker = (cpus - evals * args.eval_tasks * args.eval_cpus_per_task) / args.workers
         if per_worker >= 0.25:
             return use_gpu, per_worker if per_worker < 1 else float(int(per_worker))
     return use_gpu, max(1, int(cpus) // args.workers)
@@ -544,7 +591,7 @@ def _check_capacity(workers: int, flag: str, use_gpu: bool, cpus: float, fixed_s
     print(f"note: {message}; Ray Train waits until the autoscaler adds nodes", flush=True)
 
 
-def _check_eval_gpus(settings: HellaSwagSettings, fixed_size: bool) -> None:
+def _check_eval_gpus(settings: HellaSwagSettings | CoreSettings, fixed_size: bool) -> None:
     """Eval tasks asking for more GPUs than any node has would wait forever, after the training has finished."""
     if settings.placement != "tasks" or (most := gpus_short(settings.gpus_per_task)) is None:
         return
@@ -586,9 +633,17 @@ def launch_run(args: argparse.Namespace, callbacks: list | None = None) -> None:
                           cpus, ray.cluster_resources())
         _check_eval_gpus(settings, fixed_size)
         hellaswag = asdict(settings)
+    core = None
+    if args.core_every:
+        gpus_per_task = args.eval_gpus_per_task if args.eval_gpus_per_task is not None else float(use_gpu)
+        settings = settle_core(args.eval_on, _absolute(args.core_bundle) if args.core_bundle else None,
+                               args.core_every, args.core_max_per_task, args.eval_tasks, args.eval_cpus_per_task,
+                               gpus_per_task, config, args.workers, use_gpu, cpus, ray.cluster_resources())
+        _check_eval_gpus(settings, fixed_size)
+        core = asdict(settings)
     launch = Launch(run_name=run_name, run_dir=run_dir, remote=remote, use_gpu=use_gpu, cpus_per_worker=cpus,
                     report_interval=args.report_interval, workers=args.workers, started_at=time.time(),
-                    usd_per_worker_hour=hour_price(args.gpu_hour_usd, use_gpu), hellaswag=hellaswag)
+                    usd_per_worker_hour=hour_price(args.gpu_hour_usd, use_gpu), hellaswag=hellaswag, core=core)
     if not remote:
         config.output_dir = run_dir
     # Beside the driver, as Ray Train's controller is: a worker node may vanish (spot capacity) and must not take
@@ -659,6 +714,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise ConfigError(f"-e {config.model}: {err}") from err
     if args.hellaswag:  # a file that does not fit would fail in every restarted worker
         check_fits(load_examples(args.hellaswag_file), block_size, args.hellaswag_file or "HellaSwag")
+    if args.core_every:  # the same for the bundle (downloaded now when none is given)
+        read_bundle(locate_bundle(args.core_bundle), args.core_max_per_task or None)
     run = RunDir(run_dir)
     run.check(bool(config.resume or config.resume_from), config.overwrite)
     _check_resume(config, run, args.workers)
