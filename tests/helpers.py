@@ -15,11 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from ray.train import UserCallback
 
-from gpt2.checkpoint import load_part
-from pipelines.shards import write_random_shards
+from gpt2.checkpoint import load_part, save_checkpoint
+from gpt2.model import GPT, GPTConfig
+from pipelines.shards import read_shard, write_random_shards
+from pipelines.tokenize import TokenizeConfig, tokenize
+from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
 from training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,3 +157,77 @@ def hellaswag_records(count: int, seed: int = 0) -> list[dict]:
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return path
+
+
+DOCUMENT_WORDS = ("the model reads tokens from shards and learns to predict the next one while the optimizer "
+         "updates every weight a little after each batch of text drawn from educational web pages").split()
+
+
+def make_documents(count: int, seed: int, mean_words: int = 60) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(count):
+        n_words = int(rng.integers(1, 2 * mean_words))
+        text = " ".join(rng.choice(DOCUMENT_WORDS, size=n_words)) + ("." if i % 3 else "\n\nNext paragraph here.")
+        docs.append({"text": text, "int_score": int(rng.integers(1, 6)), "score": float(rng.uniform(1, 5)),
+                     "language_score": float(rng.uniform(0.5, 1.0))})
+    docs[5]["text"] = "   \n "  # whitespace only
+    docs[7]["text"] = docs[3]["text"]  # exact duplicates, one in another file
+    docs[250]["text"] = docs[3]["text"]
+    return docs
+
+
+def write_parquet_files(directory, docs, files=3, row_group_size=40):
+    directory.mkdir(parents=True, exist_ok=True)
+    per_file = -(-len(docs) // files)
+    for i in range(files):
+        table = pa.Table.from_pylist(docs[i * per_file:(i + 1) * per_file])
+        pq.write_table(table, directory / f"part_{i:03d}.parquet", row_group_size=row_group_size)
+    return str(directory / "*.parquet")
+
+
+def expected_stream(docs) -> np.ndarray:
+    encode = gpt2_encoding().encode_ordinary
+    return np.array([t for d in docs for t in [EOT_TOKEN, *encode(d["text"])]], dtype=np.uint16)
+
+
+def llmc_shard(tokens: np.ndarray) -> bytes:
+    """An llm.c shard written independently of pipelines.shards: 256 int32 header, then uint16 tokens."""
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (20240520, 1, tokens.size)
+    return header.tobytes() + tokens.astype("<u2").tobytes()
+
+
+def shard_paths(manifest, out_dir):
+    return [out_dir / s["name"] for s in manifest["shards"]]
+
+
+def all_tokens(manifest, out_dir) -> np.ndarray:
+    return np.concatenate([np.asarray(read_shard(p)) for p in shard_paths(manifest, out_dir)])
+
+
+def sha256s(manifest) -> list[str]:
+    return [s["sha256"] for s in manifest["shards"]]
+
+
+def tokenize_files(pattern, out_dir, **overrides) -> dict:
+    """tokenize.py's job on `pattern` with small units and shards, in this process (on the session cluster)."""
+    # small units: every 40-row row group (~16 kB of text) is cut in parts, and units cross files
+    settings = {"source": "files", "input": pattern, "output_dir": out_dir, "shard_size": 3000, "num_workers": 2,
+                "batch_size": 64, "unit_bytes": 5000, **overrides}
+    return tokenize(TokenizeConfig(**settings))
+
+
+def random_model(seed: int = 0, config: GPTConfig | None = None) -> GPT:
+    """A tiny GPT (L2H2C64 by default) whose biases are random too, so endings get clearly different losses."""
+    model = GPT(config or GPTConfig.from_descriptor("L2H2C64"), seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    return model.eval()
+
+
+def save_model(model: GPT, out: Path, step: int = 1) -> Path:
+    parts = {"model.pt": model.state_dict(), "optimizer.pt": {}, "rng.pt": {}}
+    return save_checkpoint(out, step, parts, {"model_config": model.config.to_dict()})

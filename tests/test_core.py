@@ -26,7 +26,7 @@ from evals.scoring import pack_rows, score_live_model
 from gpt2.interop import export_hf, write_llmc
 from gpt2.model import GPT, GPTConfig
 from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
-from tests.test_hellaswag import WORDS, random_model, save_model
+from tests.helpers import HELLASWAG_WORDS, random_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONTEXT = 64  # the test model's block size: long few-shot prompts get cut from the left
@@ -119,7 +119,7 @@ def reference(model: GPT, bundle: Path) -> tuple[dict[str, list[bool]], int]:
 
 # ---- a bundle ---------------------------------------------------------------------------------------------
 def sentence(rng: np.random.Generator, low: int, high: int) -> str:
-    return " ".join(rng.choice(WORDS, rng.integers(low, high)))
+    return " ".join(rng.choice(HELLASWAG_WORDS, rng.integers(low, high)))
 
 
 @torch.no_grad()

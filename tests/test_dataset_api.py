@@ -10,13 +10,13 @@ from ray.data import ActorPoolStrategy
 
 from pipelines.dataset import documents, write_shards
 from pipelines.sources import InputError
-from tests.test_pipeline import (
+from tests.helpers import (
     all_tokens,
     expected_stream,
     make_documents,
-    run,
     sha256s,
     shard_paths,
+    tokenize_files,
     write_parquet_files,
 )
 
@@ -58,7 +58,7 @@ def test_a_user_stage_gives_the_shards_of_the_prefiltered_input(ray_cluster, cor
     kept = [d for d in docs if d["text"].strip() and len(d["text"]) < MAX_KEPT_CHARS]
     assert 0 < len(kept) < len(docs) - 1 and manifest["docs"] == len(kept)
     np.testing.assert_array_equal(all_tokens(manifest, tmp_path / "api"), expected_stream(kept))
-    cli = run(write_parquet_files(tmp_path / "prefiltered", kept, files=1), tmp_path / "cli")
+    cli = tokenize_files(write_parquet_files(tmp_path / "prefiltered", kept, files=1), tmp_path / "cli")
     assert sha256s(manifest) == sha256s(cli)
     assert [p.read_bytes() for p in shard_paths(manifest, tmp_path / "api")] == \
         [p.read_bytes() for p in shard_paths(cli, tmp_path / "cli")]

@@ -18,29 +18,13 @@ from evals.hellaswag import main
 from evals.hellaswag_data import EVAL_MAGIC, Example, HellaSwagFormatError, load_examples, read_jsonl
 from evals.parallel import ConcurrentEvals, WeightsSnapshot, launch, prepare
 from evals.scoring import evaluate, plan_batches, score_batches, summarize
-from gpt2.checkpoint import save_checkpoint
 from gpt2.interop import ModelSourceError, export_hf, load_gpt, write_llmc
 from gpt2.mainlog import EvalLog
-from gpt2.model import GPT, GPTConfig
+from gpt2.model import GPT
 from pipelines.tokenizer import gpt2_encoding
-from tests.helpers import HeldCPUs, hellaswag_records, write_jsonl
+from tests.helpers import HeldCPUs, hellaswag_records, random_model, save_model, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-
-def random_model(seed: int = 0, config: GPTConfig | None = None) -> GPT:
-    """A tiny GPT (L2H2C64 by default) whose biases are random too, so endings get clearly different losses."""
-    model = GPT(config or GPTConfig.from_descriptor("L2H2C64"), seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
-    return model.eval()
-
-
-def save_model(model: GPT, out: Path, step: int = 1) -> Path:
-    parts = {"model.pt": model.state_dict(), "optimizer.pt": {}, "rng.pt": {}}
-    return save_checkpoint(out, step, parts, {"model_config": model.config.to_dict()})
-
 
 def write_eval_bin(path: Path, examples: list[Example]) -> Path:
     """llm.c's eval file, written from its spec (dev/data/data_common.py write_evalfile)."""

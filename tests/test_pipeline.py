@@ -20,62 +20,21 @@ import pytest
 from pipelines.dedup import HASH_ROW, duplicate_docs, find_duplicates
 from pipelines.files import PARTIAL_SUFFIX, atomic_write
 from pipelines.filters import FilterConfig
-from pipelines.shards import file_sha256, read_header, read_shard
+from pipelines.shards import file_sha256, read_header
 from pipelines.sources import InputError
-from pipelines.tokenize import TokenizeConfig, tokenize
-from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
 from pipelines.workdir import PARTS_DIR, STATE_FILE, OutputDir, unit_file
-from tests.helpers import REPO
-
-WORDS = ("the model reads tokens from shards and learns to predict the next one while the optimizer "
-         "updates every weight a little after each batch of text drawn from educational web pages").split()
-
-
-def make_documents(count: int, seed: int, mean_words: int = 60) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    docs = []
-    for i in range(count):
-        n_words = int(rng.integers(1, 2 * mean_words))
-        text = " ".join(rng.choice(WORDS, size=n_words)) + ("." if i % 3 else "\n\nNext paragraph here.")
-        docs.append({"text": text, "int_score": int(rng.integers(1, 6)), "score": float(rng.uniform(1, 5)),
-                     "language_score": float(rng.uniform(0.5, 1.0))})
-    docs[5]["text"] = "   \n "  # whitespace only
-    docs[7]["text"] = docs[3]["text"]  # exact duplicates, one in another file
-    docs[250]["text"] = docs[3]["text"]
-    return docs
-
-
-def write_parquet_files(directory, docs, files=3, row_group_size=40):
-    directory.mkdir(parents=True, exist_ok=True)
-    per_file = -(-len(docs) // files)
-    for i in range(files):
-        table = pa.Table.from_pylist(docs[i * per_file:(i + 1) * per_file])
-        pq.write_table(table, directory / f"part_{i:03d}.parquet", row_group_size=row_group_size)
-    return str(directory / "*.parquet")
-
-
-def expected_stream(docs) -> np.ndarray:
-    encode = gpt2_encoding().encode_ordinary
-    return np.array([t for d in docs for t in [EOT_TOKEN, *encode(d["text"])]], dtype=np.uint16)
-
-
-def llmc_shard(tokens: np.ndarray) -> bytes:
-    """An llm.c shard written independently of pipelines.shards: 256 int32 header, then uint16 tokens."""
-    header = np.zeros(256, dtype="<i4")
-    header[:3] = (20240520, 1, tokens.size)
-    return header.tobytes() + tokens.astype("<u2").tobytes()
-
-
-def shard_paths(manifest, out_dir):
-    return [out_dir / s["name"] for s in manifest["shards"]]
-
-
-def all_tokens(manifest, out_dir) -> np.ndarray:
-    return np.concatenate([np.asarray(read_shard(p)) for p in shard_paths(manifest, out_dir)])
-
-
-def sha256s(manifest) -> list[str]:
-    return [s["sha256"] for s in manifest["shards"]]
+from tests.helpers import (
+    DOCUMENT_WORDS,
+    REPO,
+    all_tokens,
+    expected_stream,
+    llmc_shard,
+    make_documents,
+    sha256s,
+    shard_paths,
+    tokenize_files,
+    write_parquet_files,
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,16 +45,9 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(ray_cluster, corpus, tmp_path_factory):
-    """The corpus tokenized with the settings of run(): (manifest, output directory)."""
+    """The corpus tokenized with the settings of tokenize_files(): (manifest, output directory)."""
     out = tmp_path_factory.mktemp("reference")
-    return run(corpus[1], out), out
-
-
-def run(pattern, out_dir, **overrides) -> dict:
-    # small units: every 40-row row group (~16 kB of text) is cut in parts, and units cross files
-    settings = {"source": "files", "input": pattern, "output_dir": out_dir, "shard_size": 3000, "num_workers": 2,
-                "batch_size": 64, "unit_bytes": 5000, **overrides}
-    return tokenize(TokenizeConfig(**settings))
+    return tokenize_files(corpus[1], out), out
 
 
 def test_shards_are_byte_identical_to_an_independent_writer(corpus, reference):
@@ -120,7 +72,7 @@ def test_shards_are_byte_identical_to_an_independent_writer(corpus, reference):
 def test_filters_and_dedup_are_counted(ray_cluster, corpus, tmp_path):
     docs, pattern = corpus
     filters = FilterConfig(min_int_score=3, min_language_score=0.6, min_chars=40, max_chars=700, dedup=True)
-    manifest = run(pattern, tmp_path, filters=filters)
+    manifest = tokenize_files(pattern, tmp_path, filters=filters)
     expected_kept, counts, seen = [], dict.fromkeys(manifest["docs"]["dropped"], 0), set()
     for d in docs:
         text = d["text"]
@@ -167,8 +119,8 @@ def test_dedup_shuffle_keeps_the_first_copy_in_input_order(ray_cluster, corpus, 
 
 def test_bytes_do_not_depend_on_workers_units_or_batches(corpus, reference, tmp_path):
     _, pattern = corpus
-    one = run(pattern, tmp_path / "one", num_workers=1, batch_size=500, unit_bytes=10**9)  # one unit, all files
-    three = run(pattern, tmp_path / "three", num_workers=3, batch_size=7, unit_bytes=1500)
+    one = tokenize_files(pattern, tmp_path / "one", num_workers=1, batch_size=500, unit_bytes=10**9)  # one unit
+    three = tokenize_files(pattern, tmp_path / "three", num_workers=3, batch_size=7, unit_bytes=1500)
     assert one["units"] == 1 and three["units"] > 40
     assert sha256s(one) == sha256s(three) == sha256s(reference[0])
 
@@ -180,16 +132,16 @@ def test_jsonl_gz_gives_the_same_tokens_as_parquet(corpus, reference, tmp_path):
     for i, part in enumerate((docs[:150], docs[150:])):
         with gzip.open(raw / f"part_{i}.jsonl.gz", "wt") as f:
             f.writelines(json.dumps(d) + "\n" for d in part)
-    assert sha256s(run(str(raw / "*.jsonl.gz"), tmp_path / "json")) == sha256s(reference[0])
+    assert sha256s(tokenize_files(str(raw / "*.jsonl.gz"), tmp_path / "json")) == sha256s(reference[0])
 
 
 def test_a_big_jsonl_file_is_cut_into_units_on_line_boundaries(corpus, reference, tmp_path):
     docs, _ = corpus
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    one = run(str(path), tmp_path / "one", unit_bytes=10**9)
+    one = tokenize_files(str(path), tmp_path / "one", unit_bytes=10**9)
     # ranges of ~300 bytes: most start or end inside a line, some hold no line start at all
-    cut = run(str(path), tmp_path / "cut", unit_bytes=300, num_workers=3)
+    cut = tokenize_files(str(path), tmp_path / "cut", unit_bytes=300, num_workers=3)
     assert one["units"] == 1 and cut["units"] > len(docs) // 2
     assert sha256s(one) == sha256s(cut) == sha256s(reference[0])
 
@@ -198,7 +150,7 @@ def test_fsspec_urls_read_and_write_like_local_paths(corpus, reference, tmp_path
     """The cloud code path (s3://, gs://, hf:// go through fsspec) exercised with file:// URLs."""
     _, pattern = corpus
     manifest, out = reference
-    via_url = run("file://" + pattern, f"file://{tmp_path}")
+    via_url = tokenize_files("file://" + pattern, f"file://{tmp_path}")
     assert via_url["inputs"] == manifest["inputs"] and len(manifest["inputs"]) == 3
     written = [p.read_bytes() for p in shard_paths(via_url, tmp_path)]
     assert written == [p.read_bytes() for p in shard_paths(manifest, out)]
@@ -216,11 +168,11 @@ def test_atomic_write_to_an_object_store_url():
 
 def test_tiny_shards_and_the_single_shard_warning(ray_cluster, corpus, tmp_path, capsys):
     docs, pattern = corpus
-    tiny = run(pattern, tmp_path / "tiny", shard_size=499)
+    tiny = tokenize_files(pattern, tmp_path / "tiny", shard_size=499)
     stream = expected_stream([d for d in docs if d["text"].strip()])
     assert len(tiny["shards"]) == -(-stream.size // 499) > 30 and not tiny["warnings"]
     np.testing.assert_array_equal(all_tokens(tiny, tmp_path / "tiny"), stream)
-    one = run(pattern, tmp_path / "one", shard_size=10**6)
+    one = tokenize_files(pattern, tmp_path / "one", shard_size=10**6)
     assert len(one["shards"]) == 1 and one["shards"][0]["split"] == "val"
     suggested = int(re.search(r"--shard-size (\d+)$", one["warnings"][0]).group(1))
     assert "no train shard" in one["warnings"][0] and 1 <= suggested <= one["total_tokens"] // 5
@@ -229,19 +181,19 @@ def test_tiny_shards_and_the_single_shard_warning(ray_cluster, corpus, tmp_path,
 
 def test_bad_inputs_are_one_line_errors_naming_the_file(ray_cluster, corpus, tmp_path):
     with pytest.raises(InputError, match="matched no files"):
-        run(str(tmp_path / "nothing" / "*.parquet"), tmp_path / "out")
+        tokenize_files(str(tmp_path / "nothing" / "*.parquet"), tmp_path / "out")
     no_text = tmp_path / "no_text.parquet"
     pq.write_table(pa.table({"content": ["x"]}), no_text)
     with pytest.raises(InputError, match=f"{no_text}: no 'text' column"):
-        run(str(no_text), tmp_path / "out")
+        tokenize_files(str(no_text), tmp_path / "out")
     garbage = tmp_path / "garbage.parquet"
     garbage.write_bytes(b"this is not parquet at all")
     with pytest.raises(InputError, match=f"{garbage}: unreadable"):
-        run(str(garbage), tmp_path / "out")
+        tokenize_files(str(garbage), tmp_path / "out")
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text("{not json\n")
     with pytest.raises(InputError, match=f"{bad_json}: line 1 is not JSON"):
-        run(str(bad_json), tmp_path / "out")
+        tokenize_files(str(bad_json), tmp_path / "out")
 
 
 def test_rerun_is_a_noop_and_other_flags_are_refused(corpus, reference, tmp_path, capsys):
@@ -249,12 +201,12 @@ def test_rerun_is_a_noop_and_other_flags_are_refused(corpus, reference, tmp_path
     first = reference[0]
     shutil.copytree(reference[1], tmp_path, dirs_exist_ok=True)
     mtimes = [p.stat().st_mtime_ns for p in shard_paths(first, tmp_path)]
-    again = run(pattern, tmp_path)
+    again = tokenize_files(pattern, tmp_path)
     assert "already complete" in capsys.readouterr().out
     assert again == first and mtimes == [p.stat().st_mtime_ns for p in shard_paths(first, tmp_path)]
     with pytest.raises(InputError, match="different inputs or flags"):
-        run(pattern, tmp_path, shard_size=5000)
-    redone = run(pattern, tmp_path, shard_size=5000, overwrite=True)
+        tokenize_files(pattern, tmp_path, shard_size=5000)
+    redone = tokenize_files(pattern, tmp_path, shard_size=5000, overwrite=True)
     assert redone["total_tokens"] == first["total_tokens"] and len(redone["shards"]) < len(first["shards"])
 
 
@@ -266,22 +218,22 @@ def test_a_changed_input_is_refused_finished_or_interrupted(ray_cluster, tmp_pat
     docs = make_documents(300, seed=4)
     pattern = write_parquet_files(tmp_path / "raw", docs, files=2)
     out = tmp_path / "out"
-    manifest = run(pattern, out)
+    manifest = tokenize_files(pattern, out)
     changed = tmp_path / "raw" / "part_001.parquet"
     write_parquet_files(tmp_path / "edited", docs[150:-1], files=1)  # its last document deleted
     shutil.move(tmp_path / "edited" / "part_000.parquet", changed)
     before = _snapshot(out)
     with pytest.raises(InputError, match=f"{changed}: changed .*--overwrite"):
-        run(pattern, out)
+        tokenize_files(pattern, out)
     assert _snapshot(out) == before
     # interrupted: the state file of a run begun on the old input, no manifest yet
     (out / STATE_FILE).write_text(json.dumps({"version": 2, "fingerprint": manifest["fingerprint"], "units": []}))
     (out / "manifest.json").unlink()
     before = _snapshot(out)
     with pytest.raises(InputError, match=f"{changed}: changed .*--overwrite"):
-        run(pattern, out)
+        tokenize_files(pattern, out)
     assert _snapshot(out) == before
-    redone = run(pattern, out, overwrite=True)
+    redone = tokenize_files(pattern, out, overwrite=True)
     np.testing.assert_array_equal(all_tokens(redone, out), expected_stream([d for d in docs[:-1] if d["text"].strip()]))
 
 
@@ -293,7 +245,7 @@ def test_only_temp_files_of_our_own_writes_are_cleaned(ray_cluster, corpus, refe
         (tmp_path / name).write_bytes(content)
     ours = tmp_path / f"edu_fineweb_train_000001.bin.123.abcd1234{PARTIAL_SUFFIX}"  # a killed run's shard write
     ours.write_bytes(b"half a shard")
-    manifest = run(pattern, tmp_path)
+    manifest = tokenize_files(pattern, tmp_path)
     assert sha256s(manifest) == sha256s(reference[0]) and not ours.exists()
     assert {name: (tmp_path / name).read_bytes() for name in theirs} == theirs
 
@@ -302,11 +254,11 @@ def test_a_jsonl_line_of_any_length(ray_cluster, tmp_path):
     """One 10.5 MB document among short ones: Arrow's JSON blocks (1 MB) grow to hold it."""
     docs = [d for d in make_documents(300, seed=5)[:20] if d["text"].strip()]
     rng = np.random.default_rng(6)
-    docs[9]["text"] = " ".join(rng.choice(WORDS, size=1_900_000))
+    docs[9]["text"] = " ".join(rng.choice(DOCUMENT_WORDS, size=1_900_000))
     assert len(docs[9]["text"]) > 10_500_000
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    manifest = run(str(path), tmp_path / "out", shard_size=10**8, unit_bytes=10**9)
+    manifest = tokenize_files(str(path), tmp_path / "out", shard_size=10**8, unit_bytes=10**9)
     np.testing.assert_array_equal(all_tokens(manifest, tmp_path / "out"), expected_stream(docs))
 
 
@@ -341,7 +293,7 @@ def test_killed_runs_resume_to_identical_bytes(ray_cluster, tmp_path):
     docs = make_documents(3000, seed=7, mean_words=150)
     pattern = write_parquet_files(tmp_path / "raw", docs, files=4, row_group_size=100)
     flags = {"shard_size": 20_000, "unit_bytes": 20_000}
-    reference = run(pattern, tmp_path / "straight", **flags)
+    reference = tokenize_files(pattern, tmp_path / "straight", **flags)
     assert len(reference["shards"]) > 15 and reference["units"] > 50
 
     out = tmp_path / "killed"
@@ -370,9 +322,9 @@ def test_killed_runs_resume_to_identical_bytes(ray_cluster, tmp_path):
     for shard in damaged.glob("*.bin"):
         shard.unlink()
     with pytest.raises(InputError, match=r"\.bin: missing or damaged.*--overwrite"):
-        run(pattern, damaged, **flags)
+        tokenize_files(pattern, damaged, **flags)
 
-    resumed = run(pattern, out, **flags)
+    resumed = tokenize_files(pattern, out, **flags)
     assert resumed["resumed"]["units"] > done_before and resumed["resumed"]["shards"] >= 3
     assert sha256s(resumed) == sha256s(reference) and resumed["docs"] == reference["docs"]
     assert not (out / PARTS_DIR).exists() and not (out / STATE_FILE).exists()

@@ -11,7 +11,7 @@ from evals.core_data import read_bundle
 from evals.core_scoring import evaluate_core
 from gpt2.checkpoint import load_model
 from gpt2.mainlog import read
-from tests.test_train import make_shards
+from tests.helpers import make_shards
 from training.run import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,9 +9,8 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import REPO
-from tests.ray_head import RAY, ray_head
-from tests.test_pipeline import make_documents
+from tests.helpers import REPO, make_documents
+from training.local_cluster import RAY, ray_head
 
 
 def _get(url: str) -> dict:

@@ -19,8 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.tokenize import TokenizeConfig, tokenize
-from tests.helpers import REPO
-from tests.test_pipeline import make_documents
+from tests.helpers import REPO, make_documents
 
 REPO_ID = "HuggingFaceFW/fineweb-edu"
 FOLDER = "sample/10BT"
