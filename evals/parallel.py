@@ -153,8 +153,10 @@ class EvalHandle:
     def cancel(self) -> None:
         import ray
 
+        # force: the worker process is ended, not interrupted. An interrupt can land inside an import (torch
+        # imports sympy lazily) and leave a half-made module behind for the next task that process runs.
         for ref in self.refs:
-            ray.cancel(ref)
+            ray.cancel(ref, force=True)
 
 
 def gpus_short(gpus_per_task: float) -> float | None:

@@ -9,6 +9,10 @@ sys.path.insert(0, str(REPO))
 # Every process the tests start (commands, `ray start` nodes and their workers) imports this checkout's code,
 # tests/helpers.py included (a Ray Train callback of the tests runs in Ray's controller).
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+# Ray Train's controller takes a worker's report (and notices a dead worker) once per health check, 2 s by
+# default; a report waits until the one before was taken. The tests' short runs report often, so a quicker
+# check only removes waiting. Inherited by every Ray process the tests start.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 @pytest.fixture(scope="session")

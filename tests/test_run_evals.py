@@ -1,5 +1,6 @@
-"""training/run.py -h 1 on the session's local cluster: evals placed by --eval-on, ranks equal to the
-single-process scorer, a bounded backlog, and an output directory free of eval leftovers."""
+"""training/run.py -h 1 and --core-every on the session's local cluster: evals placed by --eval-on, ranks equal
+to the single-process scorers, CORE's last step on the whole bundle, a bounded backlog, and an output directory
+free of eval leftovers. HellaSwag and CORE share each run: a Ray Train fit is the expensive part here."""
 
 import json
 import re
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from evals.core_data import read_bundle
+from evals.core_scoring import evaluate_core
 from evals.hellaswag_data import read_jsonl
 from evals.scoring import evaluate
 from gpt2.checkpoint import load_model
@@ -20,7 +23,13 @@ from training.run import main
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "evals" / "data" / "hellaswag_smoke.jsonl"
+CORE_SMOKE = REPO / "evals" / "data" / "core_smoke"
 STEPS, EVERY = 40, 20
+
+
+def with_core(every: int) -> list[str]:
+    """CORE every `every` steps on 4 examples per task of the smoke bundle (3 tasks), all of it at the end."""
+    return ["--core-every", str(every), "--core-bundle", str(CORE_SMOKE), "--core-max-per-task", "4"]
 
 
 def run(data: Path, out: Path, *extra: str) -> int:
@@ -29,8 +38,8 @@ def run(data: Path, out: Path, *extra: str) -> int:
                  "-s", "0", "-l", "1e-3", "-h", "1", *extra])
 
 
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "hellaswag.jsonl").read_text().splitlines()]
+def records(run_dir: Path, name: str = "hellaswag.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +49,10 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run_dir(ray_cluster, data, tmp_path_factory) -> Path:
-    """-n 0 -h 1 with evals as Ray tasks: the session cluster's 4 CPUs leave room for 2 tasks x 0.5 CPU."""
-    out = tmp_path_factory.mktemp("runs") / "hellaswag"
-    assert run(data, out, "-x", str(STEPS), "-v", str(EVERY), "--hellaswag-file", str(SMOKE)) == 0
+    """-n 0 -h 1 and CORE with evals as Ray tasks: the session cluster's 4 CPUs leave room for 2 tasks x 0.5 CPU
+    of each beside the 2 workers."""
+    out = tmp_path_factory.mktemp("runs") / "evals"
+    assert run(data, out, "-x", str(STEPS), "-v", str(EVERY), "--hellaswag-file", str(SMOKE), *with_core(EVERY)) == 0
     return out
 
 
@@ -50,12 +60,13 @@ def test_eval_lines_in_step_order_and_nothing_of_size_left_behind(run_dir):
     scored = [r["step"] for r in records(run_dir) if "skipped" not in r]  # a loaded machine may skip one
     evals = read(run_dir / "main.log")["eval"]
     assert [step for step, _ in evals] == scored and all(0.0 <= value <= 1.0 for _, value in evals)
-    assert (run_dir / "main.log").read_text().splitlines()[-1].startswith(f"s:{STEPS} eval:")  # awaited at the end
+    last_two = sorted(line.split(":")[1] for line in (run_dir / "main.log").read_text().splitlines()[-2:])
+    assert last_two == [f"{STEPS} core", f"{STEPS} eval"]  # both awaited at the end
     # The tasks read weights from Ray's object store: no eval checkpoints or snapshots on disk, only -n's
     # schedule (here: the final checkpoint), the logs and Ray Train's own bookkeeping.
     assert sorted(p.name for p in run_dir.iterdir()) == sorted([
-        ".validate_storage_marker", "checkpoint_manager_snapshot.json", f"ckpt_{STEPS:08d}", "hellaswag.jsonl",
-        "main.log", "summary.json"])
+        ".validate_storage_marker", "checkpoint_manager_snapshot.json", f"ckpt_{STEPS:08d}", "core.jsonl",
+        "hellaswag.jsonl", "main.log", "summary.json"])
 
 
 def test_evals_ran_in_ray_tasks_while_training_went_on(run_dir):
@@ -96,19 +107,45 @@ def test_summary_json_records_the_run(run_dir):
     assert summary["hellaswag"]["step"] == STEPS and summary["hellaswag"]["examples"] == 24
     assert summary["estimated_cost_usd"] is None  # CPU without --gpu-hour-usd: no price to apply
     assert summary["val_loss"] > 0 and summary["elapsed_s"] > 0
+    assert summary["core"]["step"] == STEPS
+
+
+def assert_core_beside_training(out: Path, mode: str, last: int) -> None:
+    """CORE's records, main.log lines and summary: periodic evals on 4 examples per task, the last step's on the
+    whole bundle and equal to the single-process scorer."""
+    scored = [r for r in records(out, "core.jsonl") if "skipped" not in r]  # a loaded machine may skip one (tasks)
+    assert scored[-1]["step"] == last and all(r["mode"] == mode for r in scored)
+    assert [step for step, _ in read(out / "main.log")["core"]] == [r["step"] for r in scored]
+    expected = evaluate_core(load_model(out / f"ckpt_{scored[-1]['step']:08d}"), read_bundle(CORE_SMOKE))
+    assert scored[-1]["tasks"] == expected["tasks"] and scored[-1]["num_total"] == 36  # all, not 4 per task
+    assert all(r["num_total"] == 12 for r in scored[:-1])  # periodic: --core-max-per-task 4 x 3 tasks
+    assert json.loads((out / "summary.json").read_text())["core"]["core"] == expected["core"]
+
+
+def test_core_beside_training_scores_the_last_step_on_the_whole_bundle(run_dir):
+    assert_core_beside_training(run_dir, "ray tasks", STEPS)
 
 
 def test_ranks_score_exactly_as_the_single_process_scorer(ray_cluster, data, tmp_path, capsys):
     out = tmp_path / "ranks"
     assert run(data, out, "-x", "20", "-v", "10", "-n", "10", "--eval-on", "ranks",
-               "--hellaswag-file", str(SMOKE)) == 0
-    assert "hellaswag: ranks: --eval-on ranks" in capsys.readouterr().out
+               "--hellaswag-file", str(SMOKE), *with_core(10)) == 0
+    printed = capsys.readouterr().out
+    assert "hellaswag: ranks: --eval-on ranks" in printed and "core: ranks: --eval-on ranks" in printed
     examples = read_jsonl(SMOKE)
     for record in records(out):
         assert record["mode"] == "ranks"
         expected = evaluate(load_model(out / f"ckpt_{record['step']:08d}"), examples)
         assert {k: record[k] for k in expected} == expected, record["step"]
     assert [r["step"] for r in records(out)] == [10, 20]
+    assert [r["step"] for r in records(out, "core.jsonl")] == [10, 20]
+    assert_core_beside_training(out, "ranks", 20)
+
+
+def test_core_every_must_be_a_multiple_of_v(data, tmp_path, capsys):
+    assert run(data, tmp_path / "bad", "-x", str(STEPS), "-v", str(EVERY), *with_core(30)) == 2
+    assert "--core-every 30 must be a multiple of -v 20" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_evals_that_cannot_keep_up_never_queue_more_than_one_and_the_run_ends_after_the_last(
