@@ -201,8 +201,9 @@ class ConcurrentEvals:
     def __init__(self, examples: EvalSet | None, log_path: str | os.PathLike | None,
                  num_cpus: float = DEFAULT_CPUS_PER_TASK, num_gpus: float = 0.0,
                  report: Callable[[int, Result, EvalHandle | None], None] | None = None,
-                 on_skip: Callable[[int, str], None] | None = None, stream: str = "eval", key: str = "acc_norm"):
-        self.examples = examples
+                 on_skip: Callable[[int, str], None] | None = None, stream: str = "eval", key: str = "acc_norm",
+                 name: str = "hellaswag"):
+        self.examples, self.name = examples, name
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.log = EvalLog(log_path, stream) if log_path is not None else None
         self.key = key
@@ -242,7 +243,7 @@ class ConcurrentEvals:
             self._skip(step, "cancelled at the end of the run in favour of the last step's eval")
         self._start_waiting()
         if self.running:  # the one wait with nothing else to do: say what for, in case Ray cannot place the tasks
-            print(f"hellaswag: waiting for step {self.running[0]}'s eval (tasks of {self.num_cpus:g} CPU, "
+            print(f"{self.name}: waiting for step {self.running[0]}'s eval (tasks of {self.num_cpus:g} CPU, "
                   f"{self.num_gpus:g} GPU)", flush=True)
             self._collect(timeout=None)
 

@@ -202,6 +202,16 @@ def test_evals_run_while_a_training_loop_continues(ray_cluster, data_file, tmp_p
     """A stand-in for training/run.py: a weights snapshot every 3 steps, one eval in flight at a time, the
     loop polling once per step. The cluster's CPUs are held until step 12, so no eval task can even start
     before then: submitting must not wait for the eval, and results come in at later steps."""
+    # One thread for the loop: the eval tasks get the other core, as on a cluster they get devices of their own.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_while_evaluating(ray_cluster, data_file, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_while_evaluating(ray_cluster, data_file: Path, tmp_path: Path) -> None:
     model = random_model(seed=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = torch.randint(0, 50257, (4, 33), generator=torch.Generator().manual_seed(0))

@@ -80,7 +80,7 @@ def test_evals_ran_in_ray_tasks_while_training_went_on(run_dir):
     assert by_step[STEPS]["steps_done_at_collection"] == STEPS  # awaited before exit
 
 
-def test_a_resumed_run_scores_again_the_eval_lost_with_the_run_that_stopped(run_dir, data, tmp_path):
+def test_a_resumed_run_continues_from_its_latest_checkpoint_and_scores_again_the_eval_lost(run_dir, data, tmp_path):
     """As if the run had stopped while its last step's eval ran in Ray tasks, after training on 10 more
     steps (and evaluating them): the lost eval's record and main.log line never written, the later one's
     written."""
@@ -91,7 +91,12 @@ def test_a_resumed_run_scores_again_the_eval_lost_with_the_run_that_stopped(run_
     (out / "hellaswag.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     log = (out / "main.log").read_text().replace(f"s:{STEPS} eval:", f"s:{STEPS + 10} eval:")
     (out / "main.log").write_text(log)
+    last = out / f"ckpt_{STEPS:08d}"  # the latest checkpoint Ray Train registered
+    inode = last.stat().st_ino
     assert run(data, out, "-y", "1", "-x", str(STEPS + EVERY), "-v", str(EVERY), "--hellaswag-file", str(SMOKE)) == 0
+    assert last.stat().st_ino == inode  # resumed after it, not retrained through it
+    trained, before = read(out / "main.log")["trl"], read(run_dir / "main.log")["trl"]
+    assert [s for s, _ in trained] == list(range(STEPS + EVERY)) and trained[:STEPS] == before
     steps = [r["step"] for r in records(out)]
     assert sorted(steps) == list(range(EVERY, STEPS + EVERY + 1, EVERY))  # each once, the later step's gone
     rescored = next(r for r in records(out) if r["step"] == STEPS)

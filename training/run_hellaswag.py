@@ -239,7 +239,8 @@ class EvalBesideTraining:
                 dealt = {id(plan): EvalSet(deal(plan[0], settings.tasks), plan[1]) for plan in self.plans.values()}
                 self.eval_sets = {last: dealt[id(plan)] for last, plan in self.plans.items()}
             self.evals = ConcurrentEvals(None, out_dir / MAIN_LOG, settings.cpus_per_task, settings.gpus_per_task,
-                                         report=self._record, on_skip=self._skipped, stream=self.stream, key=self.key)
+                                         report=self._record, on_skip=self._skipped, stream=self.stream, key=self.key,
+                                         name=self.name)
 
     def plans_for(self, batch_tokens: int) -> dict[bool, Plan]:
         """{last step?: (batches, summarize)}: what a periodic eval and the last step's eval score."""
