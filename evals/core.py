@@ -25,7 +25,15 @@ if __name__ == "__main__":  # run as a script: import the repo's packages, not m
 
 from evals.core_data import BUNDLE_URL, CoreFormatError, default_data_dir, locate_bundle, read_bundle
 from evals.core_scoring import Result, plan
-from evals.parallel import EvalSet, add_fanout_flags, check_fanout_flags, deal, launch
+from evals.parallel import (
+    ClusterTooSmall,
+    EvalSet,
+    add_fanout_flags,
+    check_fanout_flags,
+    connect_for_tasks,
+    deal,
+    launch,
+)
 from evals.scoring import default_batch_tokens, score_live_model
 from gpt2.interop import ModelSourceError, load_gpt, read_model_config, resolve_model_source
 from gpt2.model import pick_device
@@ -62,9 +70,7 @@ def run(args: argparse.Namespace) -> Result:
         started = time.perf_counter()
         result = core_plan.summarize(score_live_model(model, core_plan.batches))
     else:
-        from pipelines.cluster import connect
-
-        connect(args.address)
+        connect_for_tasks(args.address, args.gpus_per_task)
         eval_set = EvalSet(deal(core_plan.batches, args.tasks), core_plan.summarize)
         started = time.perf_counter()  # scoring only: the cluster start and data upload are not the eval
         result = launch(checkpoint, eval_set, num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task).result()
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> Result:
         parser.error(f"--only {args.only!r}: expected comma-separated task labels")
     try:
         result = run(args)
-    except (CoreFormatError, ModelSourceError, ConnectionError) as err:  # ConnectionError: --address
+    except (CoreFormatError, ModelSourceError, ConnectionError, ClusterTooSmall) as err:
         print(f"core.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
     width = max(len(label) for label in result["tasks"])

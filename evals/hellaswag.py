@@ -21,15 +21,11 @@ if __name__ == "__main__":  # run as a script: import the repo's packages, not m
 
 
 from evals.hellaswag_data import CANONICAL_URL, HellaSwagFormatError, check_fits, default_data_dir, load_examples
-from evals.parallel import add_fanout_flags, check_fanout_flags, gpus_short, launch, prepare
+from evals.parallel import ClusterTooSmall, add_fanout_flags, check_fanout_flags, connect_for_tasks, launch, prepare
 from evals.scoring import evaluate
 from gpt2.interop import ModelSourceError, block_size_of, load_gpt, resolve_model_source
 from gpt2.model import pick_device
 from pipelines import cli
-
-
-class ClusterTooSmall(ValueError):
-    """A resource request no node of a cluster that cannot grow will ever satisfy; the message names the flag."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,16 +52,7 @@ def run(args: argparse.Namespace) -> dict[str, float | int]:
     if args.tasks == 0:
         result = evaluate(load_gpt(checkpoint, pick_device(args.device)), examples, args.batch_tokens)
     else:
-        from pipelines.cluster import connect, starts_local_cluster
-
-        fixed_size = starts_local_cluster(args.address)  # no autoscaler can add the nodes it lacks
-        connect(args.address)
-        if (most := gpus_short(args.gpus_per_task)) is not None:
-            message = (f"--gpus-per-task {args.gpus_per_task:g}: no node of the cluster has that many GPUs (the most "
-                       f"is {most:g})")
-            if fixed_size:
-                raise ClusterTooSmall(f"{message}; lower it, or join a cluster with GPU nodes (--address)")
-            print(f"note: {message}; the tasks wait until the autoscaler adds a GPU node", flush=True)
+        connect_for_tasks(args.address, args.gpus_per_task)
         eval_set = prepare(examples, args.tasks, args.batch_tokens, gpu=args.gpus_per_task > 0)
         started = time.perf_counter()  # scoring only: the cluster start and data upload are not the eval
         handle = launch(checkpoint, eval_set, num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task)

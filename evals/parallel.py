@@ -159,6 +159,25 @@ class EvalHandle:
             ray.cancel(ref, force=True)
 
 
+class ClusterTooSmall(ValueError):
+    """A resource request no node of a cluster that cannot grow will ever satisfy; the message names the flag."""
+
+
+def connect_for_tasks(address: str | None, gpus_per_task: float) -> None:
+    """Connect an eval command to Ray for its tasks (pipelines.cluster.connect), then make sure a task's
+    --gpus-per-task fits a node: ClusterTooSmall on a cluster this call started (nothing can add the nodes it
+    lacks, so the tasks would wait forever), a note on a cluster an autoscaler may grow."""
+    from pipelines.cluster import connect, starts_local_cluster
+
+    fixed_size = starts_local_cluster(address)
+    connect(address)
+    if (most := gpus_short(gpus_per_task)) is not None:
+        message = f"--gpus-per-task {gpus_per_task:g}: no node of the cluster has that many GPUs (the most is {most:g})"
+        if fixed_size:
+            raise ClusterTooSmall(f"{message}; lower it, or join a cluster with GPU nodes (--address)")
+        print(f"note: {message}; the tasks wait until the autoscaler adds a GPU node", flush=True)
+
+
 def gpus_short(gpus_per_task: float) -> float | None:
     """The most GPUs a live node of the connected cluster has, when that is fewer than a task's `gpus_per_task`
     (such a task waits until a node with them joins, forever on a cluster that cannot grow); None if one fits."""

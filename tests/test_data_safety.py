@@ -144,6 +144,13 @@ CASES = [
                                                 "--hellaswag-file", str(_examples(t)), "--eval-on", "tasks",
                                                 "--eval-gpus-per-task", "1")],
          "--eval-gpus-per-task 1", subprocess=True),
+    Case("10 hellaswag.py tasks asking for GPUs a CPU cluster lacks",
+         lambda t: ["evals/hellaswag.py", "--checkpoint", str(t / "run"), "--file", str(_examples(t)), "--tasks", "1",
+                    "--gpus-per-task", "1"], "--gpus-per-task 1", subprocess=True),
+    Case("10 core.py tasks asking for GPUs a CPU cluster lacks",
+         lambda t: ["evals/core.py", "--checkpoint", str(t / "run"), "--bundle", str(REPO / "evals" / "data" /
+                                                                                     "core_smoke"),
+                    "--tasks", "1", "--gpus-per-task", "1"], "--gpus-per-task 1", subprocess=True),
     Case("11 run.py -h 1, an example longer than the block size",
          lambda t: ["training/run.py", *_engine(t, "-y", "1", "-h", "1", "--hellaswag-file", str(_examples(t, True)))],
          "example 1"),
