@@ -45,7 +45,7 @@ def run_demo(out: Path, steps: int, model: str, every: int) -> dict:
     python = sys.executable
     shards, train_dir = out / "shards", out / "train"
     started = time.time()
-    _stage("1/4 tokenize the offline smoke corpus with Ray actors",
+    _stage("1/4 tokenize the offline smoke corpus with a Ray Data job",
            [python, "pipelines/tokenize.py", "--source", "demo", "-o", str(shards)])
     _stage(f"2/4 train a tiny GPT-2 ({model}) on 2 Ray Train workers, HellaSwag (smoke sample) beside it",
            [python, "training/run.py", "--workers", "2", "-i", str(shards / "*_train_*.bin"),
