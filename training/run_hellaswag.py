@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,7 +209,7 @@ def settle_core(eval_on: str, bundle: str | None, every: int, max_per_task: int,
                                                                        default_batch_tokens(device)).batches))
 
 
-class EvalBesideTraining:
+class EvalBesideTraining(ABC):
     """An eval of the training run's checkpoints on one rank: `on_eval` at the engine's eval steps, `poll`
     every step (rank 0), `finish` before exiting. Subclasses say what is scored (`plans`), when (`due`) and how
     it reads (`describe`).
@@ -242,15 +243,16 @@ class EvalBesideTraining:
                                          report=self._record, on_skip=self._skipped, stream=self.stream, key=self.key,
                                          name=self.name)
 
+    @abstractmethod
     def plans_for(self, batch_tokens: int) -> dict[bool, Plan]:
         """{last step?: (batches, summarize)}: what a periodic eval and the last step's eval score."""
-        raise NotImplementedError
 
     def due(self, step: int, last: bool) -> bool:
         return True
 
+    @abstractmethod
     def describe(self, result: Result) -> str:
-        raise NotImplementedError
+        """The console's one line for a result."""
 
     def on_eval(self, step: int, model: GPT, last: bool = False) -> None:
         if not self.due(step, last):
