@@ -35,8 +35,8 @@ from evals.scoring import default_batch_tokens, score_live_model
 from gpt2.checkpoint import save_checkpoint
 from gpt2.model import GPT, GPTConfig, autocast_for
 from pipelines.tokenizer import EOT_TOKEN
+from training.launcher.run_hellaswag import EVAL_EFFICIENCY
 from training.metrics import peak_flops
-from training.run_hellaswag import EVAL_EFFICIENCY
 
 WORDS = ("the a man woman dog ball runs jumps kitchen slowly then picks up puts down water bike rope paint brush "
          "knife cuts onto floor table smiles talks camera shows because after before while under over").split()
@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"(b) packed batches, in process: {batched_seconds:5.2f} s  {len(items) / batched_seconds:7.1f} "
               f"examples/s  {loop_seconds / batched_seconds:.1f}x  (same predictions: {same})")
         if not args.no_ray:
+            from common.cluster import connect
             from evals.parallel import EvalSet, deal, launch
-            from pipelines.cluster import connect
 
             connect()
             checkpoint = save_checkpoint(tmp, 0, {"model.pt": model.state_dict(), "optimizer.pt": {}, "rng.pt": {}},

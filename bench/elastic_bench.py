@@ -40,7 +40,7 @@ from gpt2.model import GPT, GPTConfig
 from gpt2.rundir import MAIN_LOG, MODEL_PART, OPTIMIZER_PART, RNG_PART
 from pipelines.shards import write_random_shards
 from training.config import TrainConfig
-from training.local_cluster import kill_tree, ray_head, ray_node
+from training.launcher.local_cluster import kill_tree, ray_head, ray_node
 from training.train import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,8 +32,8 @@ from gpt2.checkpoint import save_checkpoint
 from gpt2.interop import load_gpt
 from gpt2.model import GPT, GPTConfig, autocast_for
 from gpt2.rundir import MODEL_PART, OPTIMIZER_PART, RNG_PART
+from training.launcher.run_hellaswag import EVAL_EFFICIENCY, HellaSwagSettings, cpu_flops_per_second, predicted_seconds
 from training.metrics import peak_flops
-from training.run_hellaswag import EVAL_EFFICIENCY, HellaSwagSettings, cpu_flops_per_second, predicted_seconds
 
 
 def synthetic_examples(count: int, seed: int) -> list[Example]:
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
                 timings.append((label, time.perf_counter() - started))
             what = "batched, in process"
         else:
+            from common.cluster import connect
             from evals.parallel import launch, prepare
-            from pipelines.cluster import connect
 
             started = time.perf_counter()
             connect()

@@ -245,7 +245,7 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from pipelines.cluster import connect
+    from common.cluster import connect
 
     cores = args.workers or os.cpu_count()
     work = Path(tempfile.mkdtemp(prefix="tokenize_bench_"))

@@ -23,6 +23,7 @@ if __name__ == "__main__":  # run as a script: import the repo's packages, not m
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 
+from common import cli
 from evals.core_data import BUNDLE_URL, CoreFormatError, default_data_dir, locate_bundle, read_bundle
 from evals.core_scoring import Result, plan
 from evals.parallel import (
@@ -37,7 +38,6 @@ from evals.parallel import (
 from evals.scoring import default_batch_tokens, score_live_model
 from gpt2.interop import ModelSourceError, load_gpt, read_model_config, resolve_model_source
 from gpt2.model import pick_device
-from pipelines import cli
 
 
 def build_parser() -> argparse.ArgumentParser:

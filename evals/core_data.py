@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipelines.files import cache_root, fetch, jsonl_records
+from common.files import cache_root, fetch, jsonl_records
 from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"

@@ -20,12 +20,12 @@ if __name__ == "__main__":  # run as a script: import the repo's packages, not m
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 
+from common import cli
 from evals.hellaswag_data import CANONICAL_URL, HellaSwagFormatError, check_fits, default_data_dir, load_examples
 from evals.parallel import ClusterTooSmall, add_fanout_flags, check_fanout_flags, connect_for_tasks, launch, prepare
 from evals.scoring import evaluate
 from gpt2.interop import ModelSourceError, block_size_of, load_gpt, resolve_model_source
 from gpt2.model import pick_device
-from pipelines import cli
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.files import cache_root, fetch, jsonl_records
+from common.files import cache_root, fetch, jsonl_records
 from pipelines.tokenizer import gpt2_encoding
 
 CANONICAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"

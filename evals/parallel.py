@@ -164,10 +164,10 @@ class ClusterTooSmall(ValueError):
 
 
 def connect_for_tasks(address: str | None, gpus_per_task: float) -> None:
-    """Connect an eval command to Ray for its tasks (pipelines.cluster.connect), then make sure a task's
+    """Connect an eval command to Ray for its tasks (common.cluster.connect), then make sure a task's
     --gpus-per-task fits a node: ClusterTooSmall on a cluster this call started (nothing can add the nodes it
     lacks, so the tasks would wait forever), a note on a cluster an autoscaler may grow."""
-    from pipelines.cluster import connect, starts_local_cluster
+    from common.cluster import connect, starts_local_cluster
 
     fixed_size = starts_local_cluster(address)
     connect(address)

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
+from common.files import atomic_write, fsync_dir
 from gpt2.model import GPT, GPTConfig
 from gpt2.rundir import CHECKPOINT_PARTS as PARTS
 from gpt2.rundir import CHECKPOINT_STATE, MODEL_PART, checkpoint_dir, checkpoint_temp_dir, list_checkpoints
-from pipelines.files import atomic_write, fsync_dir
 
 FORMAT = "raygpt2-checkpoint"
 VERSION = 1

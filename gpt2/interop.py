@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.files import atomic_write
 from gpt2.checkpoint import CheckpointError, load_model, model_config, read_state
 from gpt2.model import GPT, GPT2_VOCAB, PADDED_VOCAB, GPTConfig
 from gpt2.rundir import CHECKPOINT_STATE, list_checkpoints
-from pipelines.files import atomic_write
 
 LLMC_MAGIC = 20240326
 LLMC_VERSIONS = {3: torch.float32, 5: torch.bfloat16}

@@ -18,7 +18,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from pipelines.files import atomic_write
+from common.files import atomic_write
 
 _LINE = re.compile(r"^s:(\d+) (trl|tel|eval|core|workers):([-+0-9.eEnaif]+)")
 STREAMS = ("trl", "tel", "eval", "core", "workers")

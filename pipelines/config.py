@@ -7,8 +7,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.files import is_url, local_path
 from pipelines.demo import files_from_demo
-from pipelines.files import is_url, local_path
 from pipelines.filters import FilterConfig
 from pipelines.shards import MAX_SHARD_TOKENS
 from pipelines.sources import FINEWEB_EDU_REPO, InputError, InputFiles, files_from_glob, files_from_hub

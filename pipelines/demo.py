@@ -10,7 +10,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.files import atomic_write
+from common.files import atomic_write
 from pipelines.sources import InputFiles, checked_files
 
 DEMO_FILES = 4

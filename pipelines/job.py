@@ -241,7 +241,7 @@ def _consecutive_groups(plans: list[ShardPlan], most: int) -> list[list[ShardPla
 
 def tokenize(config: TokenizeConfig) -> dict:
     """Run the job; returns the manifest (also written to OUTPUT_DIR/manifest.json)."""
-    from pipelines.cluster import check_address, connect
+    from common.cluster import check_address, connect
 
     started = time.monotonic()
     try:

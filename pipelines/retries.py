@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from pipelines.cli import InputError
+from common.cli import InputError
 
 # Retries of remote reads: a whole call again after 0.5 s, 1 s, 2 s, ... (capped, jittered). Generous,
 # because a throttled hub answers 429 for minutes and a job of hours must not die of it.

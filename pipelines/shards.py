@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from pipelines.files import atomic_write, is_url, local_path
+from common.files import atomic_write, is_url, local_path
 
 MAGIC = 20240520
 VERSION = 1

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.cli import InputError
+from common.cli import InputError
 from pipelines.retries import is_transient, with_retries
 
 FINEWEB_EDU_REPO = "HuggingFaceFW/fineweb-edu"

@@ -24,7 +24,7 @@ if __name__ == "__main__":
 
     sys.exit(main())
 
-from pipelines import cli
+from common import cli
 from pipelines.config import TokenizeConfig
 from pipelines.filters import FilterConfig
 from pipelines.job import tokenize

@@ -9,7 +9,7 @@
     tokenize_parts/duplicates_{p:05d}.npy           --dedup: (unit, doc) repeating an earlier text, per partition
     tokenize_parts/shards_{i:06d}-{j:06d}.json      shards i..j are written: names, token counts, sha256
 
-Every file is written whole or not at all (pipelines.files), each by the task that produced it, so a
+Every file is written whole or not at all (common.files), each by the task that produced it, so a
 killed job is resumed by looking at what exists; no file is ever rewritten as the job progresses.
 -o is a local directory (on a multi-node cluster: a filesystem every node mounts at the same path) or an
 fsspec URL (s3://, gs://, ...), since the workers, not the driver, write into it.
@@ -26,7 +26,7 @@ from typing import Any
 
 import fsspec
 
-from pipelines.files import atomic_write, is_url, local_path, partial_pattern, write_json
+from common.files import atomic_write, is_url, local_path, partial_pattern, write_json
 from pipelines.plan import WorkUnit
 from pipelines.shards import ShardFormatError, read_header
 from pipelines.sources import InputError
@@ -72,7 +72,7 @@ class OutputDir:
         return self._fs_root[0]
 
     def path(self, name: str = "") -> str:
-        """Where `name` lives, as a local path or a URL (what pipelines.files and pyarrow accept)."""
+        """Where `name` lives, as a local path or a URL (what common.files and pyarrow accept)."""
         return f"{self.location}/{name}" if name else self.location
 
     def _target(self, name: str) -> str:
@@ -94,7 +94,7 @@ class OutputDir:
             raise InputError(f"-o {self.location}: cannot write there ({err.strerror or err})") from err
 
     def remove_partial_writes(self, prefix: str) -> None:
-        """Remove the temp files that writes of a killed run left (pipelines.files names them so), beside the
+        """Remove the temp files that writes of a killed run left (common.files names them so), beside the
         names this pipeline writes and nowhere else: anything else in -o is not ours to delete."""
         for name in (MANIFEST_FILE, STATE_FILE, shard_pattern(prefix), f"{PARTS_DIR}/*"):
             for partial in self.glob(partial_pattern(name)):

@@ -35,4 +35,4 @@ def test_cluster_yaml_has_what_the_launcher_and_our_jobs_need():
     head_start = " ".join(config["head_start_ray_commands"])
     assert "--head" in head_start and "--dashboard-port=8265" in head_start and "--metrics-export-port" in head_start
     worker_start = " ".join(config["worker_start_ray_commands"])
-    assert worker_start.index("ray start --address") < worker_start.index("python -m training.spot_watch")
+    assert worker_start.index("ray start --address") < worker_start.index("python -m training.ops.spot_watch")

@@ -29,9 +29,9 @@ from gpt2.mainlog import read
 from tests.helpers import REPO, ReportGate, make_shards
 from training.config import ConfigError, TrainConfig
 from training.data import ShardLoader
-from training.elastic import check_group_sizes, uneven_split_note
-from training.local_cluster import alive_nodes, kill_tree, ray_head, ray_node
-from training.progress import Progress
+from training.launcher.elastic import check_group_sizes, uneven_split_note
+from training.launcher.local_cluster import alive_nodes, kill_tree, ray_head, ray_node
+from training.launcher.progress import Progress
 from training.run import _max_failures, build_run_parser, main
 
 STEPS, EVERY = 20, 5
@@ -195,21 +195,21 @@ def post_spot_notice(metadata: type[SpotMetadata], seconds: int) -> None:
 
 
 def spot_watch(*flags: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "training.spot_watch", *flags], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "training.ops.spot_watch", *flags], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_the_spot_watcher_finds_the_node_it_runs_on_and_exits_off_ec2_or_off_a_cluster(ray_cluster):
-    off_ec2 = subprocess.run([sys.executable, "-m", "training.spot_watch", "--metadata-url", "http://127.0.0.1:9"],
+    off_ec2 = subprocess.run([sys.executable, "-m", "training.ops.spot_watch", "--metadata-url", "http://127.0.0.1:9"],
                              cwd=REPO, capture_output=True, text=True, timeout=60)
     assert off_ec2.returncode == 0 and "no EC2 instance metadata at http://127.0.0.1:9" in off_ec2.stdout
     with spot_metadata() as (url, _):
-        nowhere = subprocess.run([sys.executable, "-m", "training.spot_watch", "--metadata-url", url, "--address",
+        nowhere = subprocess.run([sys.executable, "-m", "training.ops.spot_watch", "--metadata-url", url, "--address",
                                   "127.0.0.1:9"], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert nowhere.returncode == 2 and nowhere.stderr.count("\n") == 1, nowhere.stderr
         assert "error: --address 127.0.0.1:9: no Ray cluster answers there" in nowhere.stderr
         address = ray_cluster.get_runtime_context().gcs_address
-        no_such_node = subprocess.run([sys.executable, "-m", "training.spot_watch", "--metadata-url", url,
+        no_such_node = subprocess.run([sys.executable, "-m", "training.ops.spot_watch", "--metadata-url", url,
                                        "--address", address, "--node-id", "ab" * 28],
                                       cwd=REPO, capture_output=True, text=True, timeout=60)
         assert no_such_node.returncode == 2, no_such_node.stderr
@@ -248,7 +248,7 @@ def run_while_reclaiming(head, out: Path, run_flags: list[str], steps: int, tmp_
     """`run.py --workers 2 --min-workers 1` on the head and a second node of one CPU each. The run is held at
     its first registered checkpoint while the second node's process tree is SIGKILLed (no drain, as when a
     spot instance is reclaimed), then let go. With `notice`, the run is first held at its first report while
-    EC2's spot notice appears in the node's instance metadata and the node's `training.spot_watch` drains it
+    EC2's spot notice appears in the node's instance metadata and the node's `training.ops.spot_watch` drains it
     for preemption with the notice's deadline: the run's checkpoint is then the one the notice asked for."""
     at_first_report, at_checkpoint = ReportGate(tmp_path / "first_report", False), ReportGate(tmp_path / "ckpt")
     gates = [at_first_report, at_checkpoint] if notice else [at_checkpoint]

@@ -23,9 +23,9 @@ import pytest
 import yaml
 
 from tests.helpers import make_shards
-from training.gauges import SERIES
-from training.local_cluster import RAY, free_ports, ray_head
-from training.monitor import (
+from training.launcher.local_cluster import RAY, free_ports, ray_head
+from training.ops.gauges import SERIES
+from training.ops.monitor import (
     CORE_DASHBOARD_FILE_NAME,
     DASHBOARD_FILE_NAME,
     DASHBOARD_JSON,
@@ -47,7 +47,7 @@ PROBE_RUN, PROBE_VALUE, PROBE_WATCH_S = "keep-alive-probe", 2.5, 35
 PROBE = f"""
 import sys, time
 import ray
-from training.gauges import RunGauges
+from training.ops.gauges import RunGauges
 ray.init(address=sys.argv[1])
 RunGauges({PROBE_RUN!r}).update({{"val_loss": {PROBE_VALUE}}})
 print("set", flush=True)

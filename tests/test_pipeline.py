@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from common.files import PARTIAL_SUFFIX, atomic_write
 from pipelines.dedup import HASH_ROW, duplicate_docs, find_duplicates
-from pipelines.files import PARTIAL_SUFFIX, atomic_write
 from pipelines.filters import FilterConfig
 from pipelines.shards import file_sha256, read_header
 from pipelines.sources import InputError

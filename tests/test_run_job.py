@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import make_shards
-from training.local_cluster import RAY, ray_head
+from training.launcher.local_cluster import RAY, ray_head
 
 REPO = Path(__file__).resolve().parents[1]
 

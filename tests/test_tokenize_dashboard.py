@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 from tests.helpers import REPO, make_documents
-from training.local_cluster import RAY, ray_head
+from training.launcher.local_cluster import RAY, ray_head
 
 
 def _get(url: str) -> dict:

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines import cli
+from common import cli
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 

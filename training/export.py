@@ -16,8 +16,8 @@ if __name__ == "__main__":  # run as a script: make the repo root importable ins
 
 import torch
 
+from common import cli
 from gpt2.interop import ModelSourceError, export_hf, load_gpt, resolve_model_source, write_llmc
-from pipelines import cli
 
 
 def main(argv: list[str] | None = None) -> int:

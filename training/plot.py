@@ -18,10 +18,10 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script: make the repo root importable instead of training/
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from common import cli
+from common.files import atomic_write
 from gpt2 import mainlog
 from gpt2.rundir import CHECKPOINT_STATE, MAIN_LOG, PLOT, list_checkpoints
-from pipelines import cli
-from pipelines.files import atomic_write
 
 # (layers, channels) -> size, and OpenAI's figures for each size (FineWeb val loss; HellaSwag acc_norm)
 GPT2_SIZES = {(12, 768): "124M", (24, 1024): "350M", (36, 1280): "774M", (48, 1600): "1558M"}

@@ -19,12 +19,12 @@ rank and step.
 
 `--workers MAX --min-workers MIN` makes the group elastic (spot capacity): Ray Train runs it at any size in
 between that the cluster has room for and restarts it at a new size from the latest checkpoint when a node
-is lost or added. -d stays the global batch at every size (training/elastic.py checks the sizes at launch);
+is lost or added. -d stays the global batch at every size (training/launcher/elastic.py checks the sizes at launch);
 each new group's rank 0 records a resize on the console and in main.log.
 
 `-h 1` (llm.c's flag) scores HellaSwag on every -v step's checkpoint in Ray tasks beside the training, and
-`--core-every N` CORE every N steps (training/run_hellaswag.py). Rank 0 prints elapsed / ETA / estimated cost
-every -v steps and writes `summary.json` at the end (training/progress.py).
+`--core-every N` CORE every N steps (training/launcher/run_hellaswag.py). Rank 0 prints elapsed / ETA / estimated cost
+every -v steps and writes `summary.json` at the end (training/launcher/progress.py).
 """
 
 from __future__ import annotations
@@ -49,22 +49,21 @@ if __name__ == "__main__":  # run as a script: make the repo root importable, th
 
 import torch
 
+from common import cli
+from common.files import write_json
 from evals.core_data import CoreFormatError, locate_bundle, read_bundle
 from evals.hellaswag_data import HellaSwagFormatError, check_fits, load_examples
 from evals.parallel import gpus_short
 from gpt2.checkpoint import CheckpointError, read_state
 from gpt2.interop import LlmcFormatError
 from gpt2.rundir import CHECKPOINT_STATE, RUN_LOGS, SUMMARY, RunDir, RunDirError, make_staging
-from pipelines import cli
-from pipelines.files import write_json
 from pipelines.shards import ShardFormatError
 from training.config import ConfigError, TrainConfig, build_parser, config_from_args
-from training.console import RAY_TRAIN_CONSOLE_LEVEL, quiet_ray_train_console
 from training.data import shard_files
-from training.elastic import check_group_sizes, record_resize, uneven_split_note
-from training.gauges import RunGauges
-from training.progress import Progress, hour_price
-from training.run_hellaswag import (
+from training.launcher.console import RAY_TRAIN_CONSOLE_LEVEL, quiet_ray_train_console
+from training.launcher.elastic import check_group_sizes, record_resize, uneven_split_note
+from training.launcher.progress import Progress, hour_price
+from training.launcher.run_hellaswag import (
     PLACEMENTS,
     CoreBesideTraining,
     CoreSettings,
@@ -74,6 +73,7 @@ from training.run_hellaswag import (
     settle,
     settle_core,
 )
+from training.ops.gauges import RunGauges
 from training.train import TrainHooks, TrainingDiverged, TrainResult, check_same_run, train
 
 # Elastic runs' RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S unless set (Ray's default: 60 s). After a node is lost, Ray
@@ -701,7 +701,7 @@ def _check_resume(config: TrainConfig, run: RunDir, workers: int) -> None:
 
 def _check_inputs(args: argparse.Namespace) -> None:
     """Every flag and input the driver can check before a cluster starts or a file is written."""
-    from pipelines.cluster import starts_local_cluster
+    from common.cluster import starts_local_cluster
 
     config, run_dir = plan(args)
     if starts_local_cluster(args.address):  # the workers will see this machine's files: look now
@@ -723,7 +723,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     """The command line; `callbacks`: ray.train.UserCallback instances for launch_run."""
-    from pipelines.cluster import connect
+    from common.cluster import connect
 
     args = build_run_parser().parse_args(argv)
     try:  # validate, then act: nothing starts and nothing is written before every check has passed

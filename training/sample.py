@@ -16,9 +16,9 @@ if __name__ == "__main__":  # run as a script: make the repo root importable ins
 
 import torch
 
+from common import cli
 from gpt2.interop import load_gpt, resolve_model_source
 from gpt2.model import GPT, autocast_for, pick_device
-from pipelines import cli
 from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from common.files import atomic_write
 from evals.core_data import locate_bundle, read_bundle
 from evals.core_scoring import plan as core_plan
 from evals.hellaswag_data import load_examples
@@ -43,7 +44,6 @@ from evals.scoring import (
 from gpt2.interop import read_llmc_header
 from gpt2.model import GPT, GPTConfig
 from gpt2.rundir import CORE_RECORDS, HELLASWAG_RECORDS, MAIN_LOG
-from pipelines.files import atomic_write
 from training.config import TrainConfig
 from training.metrics import flops_per_token, peak_flops
 

@@ -1,7 +1,7 @@
 """A run's Prometheus gauges, set by rank 0 and exported by Ray as `ray_raygpt2_<name>{run=<run name>,...}`.
 
 Ray's metrics agent serves them on every node's `--metrics-export-port` (`/metrics`); Prometheus scrapes that
-and the Grafana dashboard (training/monitor.py) plots them. `SERIES` is the one list of what is exported:
+and the Grafana dashboard (training/ops/monitor.py) plots them. `SERIES` is the one list of what is exported:
 names, help text with units, and the key each one takes from the metrics run.py hands `RunGauges.update`.
 
 Ray 2.60 drops a gauge from the export when it has not been set for ~20 s (seen on a `ray start` head:

@@ -1,7 +1,7 @@
 """Drain this Ray node when EC2 announces a spot interruption, so that a training run checkpoints before the
 node goes (README "Elastic training on spot nodes").
 
-    python -m training.spot_watch          # on each worker node, after `ray start` (cluster.yaml does this)
+    python -m training.ops.spot_watch          # on each worker node, after `ray start` (cluster.yaml does this)
 
 EC2 puts the notice in the instance metadata two minutes ahead: spot/instance-action answers
 {"action": "terminate", "time": "2026-12-07T03:12:00Z"} instead of 404. This polls it (IMDSv2) and then runs
@@ -21,8 +21,8 @@ import urllib.error
 import urllib.request
 from datetime import datetime, timezone
 
-from pipelines import cli
-from pipelines.cluster import check_listening
+from common import cli
+from common.cluster import check_listening
 
 METADATA_URL = "http://169.254.169.254"
 TOKEN_TTL_S = 21600
@@ -99,7 +99,7 @@ def drain(address: str, node_id: str, action: str, seconds_left: float) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m training.spot_watch", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m training.ops.spot_watch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--metadata-url", default=METADATA_URL,
                         help=f"the instance metadata service (default {METADATA_URL})")
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "auto"),

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipelines", "gpt2", "training", "evals")
+PACKAGES = ("common", "pipelines", "gpt2", "training", "evals")
 
 
 NAMED_ADDRESSES = ("auto", "local")
