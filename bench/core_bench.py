@@ -35,7 +35,7 @@ from evals.scoring import default_batch_tokens, score_live_model
 from gpt2.checkpoint import save_checkpoint
 from gpt2.model import GPT, GPTConfig, autocast_for
 from pipelines.tokenizer import EOT_TOKEN
-from training.launcher.run_hellaswag import EVAL_EFFICIENCY
+from training.launcher.placement import EVAL_EFFICIENCY
 from training.metrics import peak_flops
 
 WORDS = ("the a man woman dog ball runs jumps kitchen slowly then picks up puts down water bike rope paint brush "

@@ -32,7 +32,7 @@ from gpt2.checkpoint import save_checkpoint
 from gpt2.interop import load_gpt
 from gpt2.model import GPT, GPTConfig, autocast_for
 from gpt2.rundir import MODEL_PART, OPTIMIZER_PART, RNG_PART
-from training.launcher.run_hellaswag import EVAL_EFFICIENCY, HellaSwagSettings, cpu_flops_per_second, predicted_seconds
+from training.launcher.placement import EVAL_EFFICIENCY, HellaSwagSettings, cpu_flops_per_second, predicted_seconds
 from training.metrics import peak_flops
 
 

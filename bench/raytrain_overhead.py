@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 import torch
 
 from pipelines.shards import write_random_shards
-from training.config import TrainConfig
-from training.run import build_run_parser, launch_run
+from training.launcher.flags import parse_run_flags
+from training.launcher.launch import launch_run
 from training.train import TrainHooks, train
 
 
@@ -36,8 +36,7 @@ def steady(times: dict[int, float], first: int, last: int, tokens_per_step: int)
 
 def run_direct(flags: list[str]) -> tuple[float, dict[int, float]]:
     """(start time, {steps done: wall time}) of the engine called in this process."""
-    args = build_run_parser().parse_args(flags)
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__})
+    config, _ = parse_run_flags(flags)
     times: dict[int, float] = {}
 
     def on_step(metrics: dict) -> None:
@@ -59,7 +58,7 @@ def run_ray(flags: list[str], record: Path) -> tuple[float, dict[int, float]]:
                 file.write(json.dumps(metrics[0]) + "\n")
 
     started = time.time()
-    launch_run(build_run_parser().parse_args(flags), callbacks=[Timestamps()])
+    launch_run(*parse_run_flags(flags), callbacks=[Timestamps()])
     reports = [json.loads(line) for line in record.read_text().splitlines()]
     return started, {r["step"]: r["timestamp"] for r in reports if "loss" in r}
 

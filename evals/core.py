@@ -25,7 +25,7 @@ if __name__ == "__main__":  # run as a script: import the repo's packages, not m
 
 from common import cli
 from evals.core_data import BUNDLE_URL, CoreFormatError, default_data_dir, locate_bundle, read_bundle
-from evals.core_scoring import Result, plan
+from evals.core_scoring import plan
 from evals.parallel import (
     ClusterTooSmall,
     EvalSet,
@@ -35,7 +35,7 @@ from evals.parallel import (
     deal,
     launch,
 )
-from evals.scoring import default_batch_tokens, score_live_model
+from evals.scoring import Result, default_batch_tokens, score_live_model
 from gpt2.interop import ModelSourceError, load_gpt, read_model_config, resolve_model_source
 from gpt2.model import pick_device
 

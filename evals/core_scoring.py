@@ -13,15 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from evals.core_data import Task, tokenize
-from evals.scoring import Batch, RowScores, default_batch_tokens, pack_rows, plan_packed, score_live_model
+from evals.scoring import Batch, Result, RowScores, default_batch_tokens, pack_rows, plan_packed, score_live_model
 from gpt2.model import GPT
-
-Result = dict[str, Any]
 
 
 @dataclass(frozen=True)

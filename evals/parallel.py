@@ -22,16 +22,23 @@ from typing import Any
 import torch
 
 from evals.hellaswag_data import Example, load_examples
-from evals.scoring import Batch, RowScores, default_batch_tokens, hellaswag_result, plan_batches, score_rows
+from evals.scoring import (
+    Batch,
+    Result,
+    RowScores,
+    default_batch_tokens,
+    hellaswag_result,
+    plan_batches,
+    score_rows,
+)
 from gpt2.interop import load_gpt, resolve_model_source
 from gpt2.mainlog import EvalLog
 from gpt2.model import GPT, GPTConfig, pick_device
 
 DEFAULT_TASKS = 2
 # Fractional by default: K eval tasks fit beside a training job on a small machine instead of waiting
-# for whole CPUs (shared/notes: whole-CPU actors stalled a 2-CPU cluster).
+# for whole CPUs: whole-CPU actors stalled a 2-CPU cluster.
 DEFAULT_CPUS_PER_TASK = 0.5
-Result = dict[str, float | int]
 
 
 def add_fanout_flags(parser: argparse.ArgumentParser) -> None:

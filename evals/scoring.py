@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from evals.core_data import common_length
 from evals.hellaswag_data import NUM_ENDINGS, Example
 from gpt2.model import GPT, GPTConfig, autocast_for
 
+Result = dict[str, Any]  # an eval's scores, as summarized, recorded and reported
 DEFAULT_BATCH_TOKENS = {"cpu": 2048, "cuda": 65536}
 # Logit elements materialised at once (64 MiB of fp32): bounds memory for any batch size.
 _LOGIT_CHUNK_ELEMENTS = 1 << 24

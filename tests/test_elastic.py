@@ -30,9 +30,10 @@ from tests.helpers import REPO, ReportGate, make_shards
 from training.config import ConfigError, TrainConfig
 from training.data import ShardLoader
 from training.launcher.elastic import check_group_sizes, uneven_split_note
+from training.launcher.flags import parse_run_flags
+from training.launcher.launch import main
 from training.launcher.local_cluster import alive_nodes, kill_tree, ray_head, ray_node
 from training.launcher.progress import Progress
-from training.run import _max_failures, build_run_parser, main
 
 STEPS, EVERY = 20, 5
 # -d 256 = 4 micro-batches of -b 2 x -t 32: 4 micro-steps on one worker, 2 each on two, 2/1/1 on three.
@@ -116,10 +117,11 @@ def test_sizes_that_cannot_keep_the_global_batch_are_refused_naming_those_that_c
 
 
 def test_an_elastic_run_survives_any_number_of_reclaims_unless_told_otherwise():
-    parse = build_run_parser().parse_args
-    assert _max_failures(parse(["--workers", "4", "--min-workers", "2"])) == -1
-    assert _max_failures(parse(["--workers", "4"])) == 3
-    assert _max_failures(parse(["--workers", "4", "--min-workers", "2", "--max-failures", "5"])) == 5
+    def restarts(*flags: str) -> int:
+        return parse_run_flags(["--workers", "4", *flags])[1].restarts()
+
+    assert restarts("--min-workers", "2") == -1 and restarts() == 3
+    assert restarts("--min-workers", "2", "--max-failures", "5") == 5
 
 
 def test_cost_counts_the_worker_hours_of_each_group_size():
@@ -229,7 +231,7 @@ def test_the_spot_watcher_finds_the_node_it_runs_on_and_exits_off_ec2_or_off_a_c
 GATED_RUN = """
 import json, sys
 from tests.helpers import ReportGate
-from training.run import main
+from training.launcher.launch import main
 sys.exit(main(sys.argv[2:], callbacks=[ReportGate(path, checkpoint) for path, checkpoint in json.loads(sys.argv[1])]))
 """
 

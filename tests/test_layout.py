@@ -17,9 +17,10 @@ ALLOWED = {"common": set(), "pipelines": {"common"}, "gpt2": {"common", "pipelin
            "training.ops": {"common", "pipelines", "gpt2", "evals", "training"},
            "training.launcher": {"common", "pipelines", "gpt2", "evals", "training", "training.ops"}}
 # Modules that connect to Ray; everything else runs where Ray is not installed (the GPU box has none).
-LAUNCHERS = {"pipelines.tokenize", "common.cluster", "pipelines.dataset", "training.run",
-             "training.launcher.run_hellaswag", "training.ops.spot_watch", "evals.parallel", "evals.hellaswag",
-             "evals.core"}
+LAUNCHERS = {"pipelines.tokenize", "common.cluster", "pipelines.dataset", "training.run", "training.launcher.launch",
+             "training.launcher.worker", "training.launcher.hub", "training.launcher.reports",
+             "training.launcher.beside_training", "training.launcher.placement", "training.launcher.flags",
+             "training.ops.spot_watch", "evals.parallel", "evals.hellaswag", "evals.core"}
 
 
 def _modules() -> list[str]:

@@ -14,7 +14,7 @@ import torch
 from gpt2.mainlog import read
 from gpt2.rundir import RAY_SNAPSHOT
 from tests.helpers import ReportGate, final_weights, make_shards, wait_for
-from training.run import main
+from training.launcher.launch import main
 
 STEPS = 40
 # Tiny model, 2 workers x B=2 x T=32, a checkpoint every 20 steps.

@@ -19,7 +19,7 @@ from evals.scoring import evaluate
 from gpt2.checkpoint import load_model
 from gpt2.mainlog import read
 from tests.helpers import HeldCPUs, make_shards, wait_for
-from training.run import main
+from training.launcher.launch import main
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "evals" / "data" / "hellaswag_smoke.jsonl"
@@ -183,7 +183,7 @@ def test_placement_on_a_cluster_that_declares_gpus():
     """A local cluster with 4 logical GPUs (none physical): Ray's own resource view decides."""
     code = """
 import ray
-from training.launcher.run_hellaswag import choose_placement
+from training.launcher.placement import choose_placement
 ray.init("local", num_cpus=2, num_gpus=4, include_dashboard=False)
 cluster = ray.cluster_resources()
 print(choose_placement("auto", True, 4, cluster, 2, 1.0)[0], choose_placement("auto", True, 2, cluster, 2, 1.0)[0],
