@@ -31,8 +31,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: training.*, pipelines.*
-
 import torch
 
 from gpt2.checkpoint import save_checkpoint

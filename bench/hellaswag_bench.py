@@ -14,13 +14,8 @@ the measured warm time is printed against it.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
-
-if __name__ == "__main__":  # run as a script: import the repo's packages, not modules beside this file
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
 import torch

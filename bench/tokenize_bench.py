@@ -34,22 +34,20 @@ import time
 from array import array
 from pathlib import Path
 
+import numpy as np
+import psutil  # installed with ray[default]
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.assemble import assemble_shards
+from pipelines.demo import python_docs_documents
+from pipelines.plan import layout_shards
+from pipelines.shards import shard_name, write_shard
+from pipelines.tokenize import TokenizeConfig, tokenize
+from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
+from pipelines.workdir import PARTS_DIR, OutputDir, unit_file
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402  (installed with ray[default])
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-
-from pipelines.assemble import assemble_shards  # noqa: E402
-from pipelines.demo import python_docs_documents  # noqa: E402
-from pipelines.plan import layout_shards  # noqa: E402
-from pipelines.shards import shard_name, write_shard  # noqa: E402
-from pipelines.tokenize import TokenizeConfig, tokenize  # noqa: E402
-from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding  # noqa: E402
-from pipelines.workdir import PARTS_DIR, OutputDir, unit_file  # noqa: E402
-
 SHARD_SIZE = 10_000_000
 FILES = 8
 FUNNEL_WRITER_COMMIT = "103bda1"  # the last commit whose driver wrote every shard itself

@@ -17,11 +17,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
-
-if __name__ == "__main__":  # run as a script: import the repo's packages, not modules beside this file
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 
 from common import cli
 from evals.core_data import BUNDLE_URL, CoreFormatError, default_data_dir, locate_bundle, read_bundle
@@ -100,5 +95,11 @@ def main(argv: list[str] | None = None) -> Result:
     return result
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The console script (raygpt2-core); main() returns the result for callers in Python, which as a script's
+    return value would be taken for an exit status."""
     main()
+
+
+if __name__ == "__main__":
+    command()

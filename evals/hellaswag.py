@@ -14,11 +14,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
-
-if __name__ == "__main__":  # run as a script: import the repo's packages, not modules beside this file
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 
 from common import cli
 from evals.hellaswag_data import CANONICAL_URL, HellaSwagFormatError, check_fits, default_data_dir, load_examples
@@ -75,5 +70,11 @@ def main(argv: list[str] | None = None) -> dict[str, float | int]:
     return result
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The console script (raygpt2-hellaswag); main() returns the result for callers in Python, which as a script's
+    return value would be taken for an exit status."""
     main()
+
+
+if __name__ == "__main__":
+    command()

@@ -22,15 +22,7 @@ from typing import Any
 import torch
 
 from evals.hellaswag_data import Example, load_examples
-from evals.scoring import (
-    Batch,
-    Result,
-    RowScores,
-    default_batch_tokens,
-    hellaswag_result,
-    plan_batches,
-    score_rows,
-)
+from evals.scoring import Batch, Result, RowScores, default_batch_tokens, hellaswag_result, plan_batches, score_rows
 from gpt2.interop import load_gpt, resolve_model_source
 from gpt2.mainlog import EvalLog
 from gpt2.model import GPT, GPTConfig, pick_device

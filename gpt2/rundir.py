@@ -36,6 +36,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from common.files import is_url
+
 MAIN_LOG = "main.log"
 HELLASWAG_RECORDS = "hellaswag.jsonl"
 CORE_RECORDS = "core.jsonl"
@@ -113,7 +115,7 @@ class RunDir:
 
         self.location, self.flag = location.rstrip("/") or location, flag
         self.fs, self.root = fsspec.core.url_to_fs(self.location)
-        self.local = "://" not in location or location.startswith("file://")
+        self.local = not is_url(location)
         self.locked = False
 
     def path(self, name: str) -> str:

@@ -10,7 +10,6 @@ import pyarrow.compute as pc
 
 # Reason codes index this tuple; 0 means kept. "duplicate" is decided after tokenizing, by pipelines.dedup.
 DROP_REASONS = ("kept", "empty", "int_score", "score", "language_score", "min_chars", "max_chars", "duplicate")
-DUPLICATE = DROP_REASONS.index("duplicate")
 
 
 @dataclass(frozen=True)

@@ -111,14 +111,6 @@ def read_shard(path: str | os.PathLike) -> np.memmap:
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_random_shards(directory: str | os.PathLike, prefix: str = "rand", shards: int = 3,
                         tokens_per_shard: int = 4000, seed: int = 0) -> list[str]:
     """Shards of uniformly random GPT-2 token ids, llm.c-named (shard 0 val, the rest train): data for

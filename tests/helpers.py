@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import io
 import json
@@ -30,6 +31,15 @@ from training.config import TrainConfig
 REPO = Path(__file__).resolve().parents[1]
 HELLASWAG_WORDS = ("the man woman dog ball runs jumps kitchen slowly quickly then picks up puts down a an water bike "
          "rope hair paint brush knife cuts onto floor table smiles talks camera shows").split()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The file's SHA-256, as hex (what write_shard returns and the tokenize manifest records)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def make_shards(directory: Path, tokens_per_shard: int = 4000, shards: int = 3, seed: int = 0) -> Path:

@@ -20,7 +20,7 @@ import pytest
 from common.files import PARTIAL_SUFFIX, atomic_write
 from pipelines.dedup import HASH_ROW, duplicate_docs, find_duplicates
 from pipelines.filters import FilterConfig
-from pipelines.shards import file_sha256, read_header
+from pipelines.shards import read_header
 from pipelines.sources import InputError
 from pipelines.workdir import PARTS_DIR, STATE_FILE, OutputDir, unit_file
 from tests.helpers import (
@@ -28,6 +28,7 @@ from tests.helpers import (
     REPO,
     all_tokens,
     expected_stream,
+    file_sha256,
     llmc_shard,
     make_documents,
     sha256s,

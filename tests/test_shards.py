@@ -6,12 +6,12 @@ import pytest
 from pipelines.shards import (
     HEADER_BYTES,
     ShardFormatError,
-    file_sha256,
     read_header,
     read_shard,
     shard_name,
     write_shard,
 )
+from tests.helpers import file_sha256
 
 
 def test_header_and_layout_follow_llmc_spec(tmp_path):

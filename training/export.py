@@ -11,9 +11,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # run as a script: make the repo root importable instead of training/
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import torch
 
 from common import cli

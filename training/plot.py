@@ -15,9 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # run as a script: make the repo root importable instead of training/
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 from common import cli
 from common.files import atomic_write
 from gpt2 import mainlog

@@ -30,10 +30,6 @@ Rank 0 prints elapsed / ETA / estimated cost every -v steps and writes `summary.
 """
 
 import sys
-from pathlib import Path
-
-if __name__ == "__main__":  # run as a script: make the repo root importable instead of training/
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from training.launcher.launch import main
 

@@ -9,10 +9,6 @@ weights, not on the device or on how much of the global RNG training has consume
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-if __name__ == "__main__":  # run as a script: make the repo root importable instead of training/
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 

@@ -20,9 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-if __name__ == "__main__":  # run as a script: make the repo root importable instead of training/
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import torch
 import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -31,7 +28,6 @@ from torch.nn.parallel import DistributedDataParallel
 from gpt2.checkpoint import (
     CheckpointError,
     load_part,
-    model_config,
     prune_checkpoints,
     read_state,
     save_checkpoint,
@@ -52,10 +48,11 @@ from gpt2.rundir import (
 )
 from pipelines.shards import ShardFormatError
 from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
-from training.config import RUN_DEFINING, ConfigError, TrainConfig, parse_args
+from training.config import ConfigError, TrainConfig, parse_args
 from training.data import ShardLoader
 from training.metrics import flops_per_token, mfu, peak_flops, step_line
 from training.outliers import OutlierDetector
+from training.resume import check_same_run
 from training.sample import generate
 from training.schedule import learning_rate
 
@@ -91,28 +88,6 @@ class TrainResult:
     train_loss: float | None
     val_loss: float | None
     checkpoint: Path | None
-
-
-def check_same_run(path: Path | str, state: dict[str, Any], config: TrainConfig, model_shape: GPTConfig,
-                   world: int) -> str | None:
-    """Refuse to continue checkpoint `path` (its state.json `state`) under flags that would make it another run,
-    saying what differs; returns a note when only -x changed. The launcher calls it before it starts a cluster."""
-    if model_config(state) != model_shape:
-        raise CheckpointError(f"{path}: holds model {state['model_config']}, but -e {config.model} "
-                              f"is {model_shape.to_dict()}")
-    saved = TrainConfig(**{k: v for k, v in state["train_config"].items() if k in TrainConfig.__dataclass_fields__})
-    current = asdict(config)
-    differs = [f"{flag} {getattr(saved, name)} -> {current[name]}" for name, flag in RUN_DEFINING.items()
-               if name != "model" and getattr(saved, name) != current[name]]
-    saved_tokens = saved.tokens_per_step(state["world_size"])
-    if saved_tokens != config.tokens_per_step(world):
-        differs.append(f"-d {saved_tokens} -> {config.tokens_per_step(world)} tokens per step")
-    if differs:
-        raise CheckpointError(f"{path}: written by a run with other flags ({', '.join(differs)}); resume with "
-                              "the same flags, or start a new run in another -o")
-    if saved.max_steps != config.max_steps:
-        return f"-x {saved.max_steps} -> {config.max_steps}: the learning-rate schedule now runs to the new -x"
-    return None
 
 
 def _rank_and_world() -> tuple[int, int]:

@@ -32,7 +32,7 @@ from training.launcher.progress import hour_price
 from training.launcher.reports import FailureLog, WorkerGroupLog, report_group_failures
 from training.launcher.storage import staged
 from training.launcher.worker import INPUT_ERRORS, FatalTrainingError, train_worker
-from training.train import check_same_run
+from training.resume import check_same_run
 
 # Elastic runs' RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S unless set (Ray's default: 60 s). After a node is lost, Ray
 # Train sizes the next group from resources Ray still counts for a while (until the GCS declares the node dead,
