@@ -21,6 +21,7 @@ from training.launcher.flags import LaunchConfig, absolute, parse_run_flags, pla
 from training.launcher.hub import Launch
 from training.launcher.placement import (
     Cluster,
+    Settings,
     check_eval_gpus,
     cpus_per_worker,
     gpus_per_task,
@@ -79,7 +80,7 @@ def _check_capacity(workers: int, flag: str, use_gpu: bool, cpus: float, fixed_s
 
 
 def _place_evals(config: TrainConfig, launch: LaunchConfig, cluster: Cluster, fixed_size: bool,
-                 inputs: EvalInputs) -> dict:
+                 inputs: EvalInputs) -> dict[str, Settings | None]:
     """{"hellaswag": HellaSwagSettings | None, "core": CoreSettings | None}: each eval's placement, printed."""
     gpus = gpus_per_task(launch.eval_gpus_per_task, cluster.use_gpu)
     placed = {"hellaswag": None, "core": None}
