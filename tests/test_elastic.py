@@ -275,7 +275,7 @@ def run_while_reclaiming(head, out: Path, run_flags: list[str], steps: int, tmp_
         run = subprocess.run([sys.executable, "-c", GATED_RUN, json.dumps([[str(g.directory), g.checkpoint]
                                                                             for g in gates]),
                               "--address", head.gcs_address, "--workers", "2", "--min-workers", "1", *run_flags],
-                             cwd=REPO, env={**head.env, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"},
+                             cwd=REPO, env={**head.env, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.1"},
                              capture_output=True, text=True, timeout=600)
         reclaimer.join()
         if watcher and watcher.poll() is None:
@@ -307,26 +307,24 @@ def test_a_reclaimed_node_leaves_the_run_on_one_worker_with_the_same_result(refe
     assert_same_losses(out, reference)
 
 
-def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_there(ray_cluster, data, two_node_head,
+def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_there(reference, data, two_node_head,
                                                                                  tmp_path):
     """As the reclaim above, but EC2's spot notice first reaches the second node, whose spot watcher drains
     it for preemption with a deadline, and the node is SIGKILLed once the run has reacted. No -n
     checkpoints: without the just-in-time one the restart would begin again at step 0."""
-    steps = 20
-    # A model whose steps take ~0.5 s here: after the drain the run goes on long enough for Ray Train's
-    # preemption watcher (polling every 0.5 s) to see it. Later flags win over FLAGS.
-    slower = ["-e", "L4H4C128", "-b", "4", "-t", "64", "-d", "1024", "-n", "0", "-x", str(steps),
-              "--report-interval", "0.5"]
-    reference, out = tmp_path / "reference", tmp_path / "preempted"
-    assert main([*flags(data, reference), *slower, "--workers", "2"]) == 0
-    run = run_while_reclaiming(two_node_head, out, [*flags(data, out), *slower], steps, tmp_path, notice=True)
+    # A report at every step, and a report waits for the controller to take the one before (every 0.25 s
+    # here): the ~19 steps after the drain give Ray Train's preemption watcher (polling every 0.1 s in
+    # run_while_reclaiming) dozens of looks. Later flags win over FLAGS; neither changes the numbers.
+    paced = ["-n", "0", "-x", str(STEPS), "--report-interval", "0"]
+    out = tmp_path / "preempted"
+    run = run_while_reclaiming(two_node_head, out, [*flags(data, out), *paced], STEPS, tmp_path, notice=True)
     notice = re.search(r"preemption notice: rank\(s\) \d on a node being drained, reclaimed in \d+ s; "
                        r"checkpointing at step (\d+)", run.stdout)
     resize = re.search(r"resize: 2 -> 1 workers at step (\d+)", run.stdout)
     assert notice and resize, "\n".join(line for line in run.stdout.splitlines() if "step " not in line)[-6000:]
-    assert 0 < int(notice[1]) == int(resize[1]) < steps  # resumed from the just-in-time checkpoint
+    assert 0 < int(notice[1]) == int(resize[1]) < STEPS  # resumed from the just-in-time checkpoint
     assert run.checkpoint == f"ckpt_{int(notice[1]):08d}"
     log = (out / "main.log").read_text().splitlines()
-    assert [int(line.split()[0][2:]) for line in log if " trl:" in line] == list(range(steps))
-    assert_same_training(out, reference, steps)
+    assert [int(line.split()[0][2:]) for line in log if " trl:" in line] == list(range(STEPS))
+    assert_same_training(out, reference, STEPS)
     assert_same_losses(out, reference)
