@@ -6,8 +6,8 @@
     ds = ds.map_batches(MyClassifier, batch_format="pyarrow", ...)        # e.g. a quality classifier
     write_shards(ds, "data/mine", prefix="mine", shard_size=100_000_000)
 
-documents() reads with the job's own unit planning (pipelines.plan: read tasks of similar text bytes, whatever
-the files' row groups) and errors (one line naming the file and row group or line). write_shards() tokenizes
+documents() is the job's own ReadParquet->MapBatches(Filter) (pipelines.stages: read tasks of similar text
+bytes, whatever the files' row groups; errors naming the file and row group or line). write_shards() tokenizes
 in its write tasks and each task writes its tokens into the output directory itself; the shards are then
 assembled in parallel from the exact prefix-summed counts (pipelines.assemble), so no token passes through
 the driver. Shards hold EOT + tokens of every document in the Dataset's order (preserve_order is set), so
@@ -23,48 +23,18 @@ import numpy as np
 import pyarrow as pa
 import ray
 from ray.data import DataContext, Dataset, Datasink
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask, WriteResult
+from ray.data.datasource import WriteResult
 
 from pipelines.assemble import assemble_shards
-from pipelines.filters import FilterConfig, drop_reasons
-from pipelines.plan import WorkUnit, layout_shards, plan_units, unit_bytes_for
+from pipelines.filters import FilterConfig
+from pipelines.plan import layout_shards, plan_units, unit_bytes_for
 from pipelines.shards import MAX_SHARD_TOKENS, TOKEN_DTYPE
-from pipelines.sources import InputError, InputFiles, files_from_glob
+from pipelines.sources import InputError, files_from_glob
+from pipelines.stages import Filter, UnitSource, document_columns
 from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
 from pipelines.workdir import MANIFEST_FILE, PARTS_DIR, OutputDir, shard_pattern, unit_file
 
 ASSEMBLE_SHARDS_PER_TASK = 4
-
-
-class DocumentSource(Datasource):
-    """One read task per work unit; each yields the unit's documents that pass the filters, in order."""
-
-    def __init__(self, inputs: InputFiles, filters: FilterConfig, units: list[WorkUnit], batch_rows: int = 1024):
-        self.inputs = inputs
-        self.filters = filters
-        self.units = units
-        self.batch_rows = batch_rows
-        self.columns = ["text", *[c for c in filters.threshold_columns() if c in inputs.columns]]
-
-    def get_name(self) -> str:
-        return "Documents"
-
-    def estimate_inmemory_data_size(self) -> int:
-        return sum(unit.text_bytes for unit in self.units)
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                       data_context: DataContext | None = None) -> list[ReadTask]:
-        return [ReadTask(functools.partial(self._read_unit, unit),
-                         BlockMetadata(num_rows=None, size_bytes=unit.text_bytes, exec_stats=None,
-                                       input_files=tuple(self.inputs.paths[p.file] for p in unit.pieces)),
-                         per_task_row_limit=per_task_row_limit)
-                for unit in self.units]
-
-    def _read_unit(self, unit: WorkUnit) -> Iterable[pa.Table]:
-        for piece in unit.pieces:
-            table = self.inputs.read(piece, self.columns, self.batch_rows)
-            yield table.filter(pa.array(drop_reasons(table, self.filters) == 0)).select(self.columns)
 
 
 def documents(input: str, filters: FilterConfig | None = None, unit_bytes: int | None = None,
@@ -78,7 +48,8 @@ def documents(input: str, filters: FilterConfig | None = None, unit_bytes: int |
     inputs = files_from_glob(input)
     units = plan_units(inputs, unit_bytes or unit_bytes_for(inputs, int(ray.cluster_resources().get("CPU", 1))))
     DataContext.get_current().execution_options.preserve_order = True  # input order, whatever finishes first
-    return ray.data.read_datasource(DocumentSource(inputs, filters, units, batch_rows))
+    return ray.data.read_datasource(UnitSource(inputs, document_columns(inputs, filters), units, batch_rows)) \
+        .map_batches(Filter(filters, tallies=False), batch_size=None, batch_format="pyarrow")
 
 
 class ShardSink(Datasink):

@@ -25,7 +25,7 @@ from pipelines.dedup import count_duplicates
 from pipelines.filters import DROP_REASONS
 from pipelines.plan import WorkUnit, plan_units, unit_bytes_for
 from pipelines.sources import InputError, InputFiles
-from pipelines.stages import Filter, Tokenize, UnitSource, WriteShards
+from pipelines.stages import Filter, Tokenize, UnitSource, WriteShards, document_columns
 from pipelines.tokenizer import tokenizer_identity
 from pipelines.workdir import (
     MANIFEST_FILE,
@@ -205,7 +205,7 @@ def tokenize(config: TokenizeConfig) -> dict:
         if driver.resumed["units"] or driver.resumed["shards"]:
             print(f"resuming: {driver.resumed['units']}/{len(driver.units)} units and {driver.resumed['shards']} "
                   f"shards already written in {out}")
-        timings = driver.run(["text", *[c for c in config.filters.threshold_columns() if c in inputs.columns]])
+        timings = driver.run(document_columns(inputs, config.filters))
     except BaseException:
         if new_run and not driver.counters:  # a run that failed before any progress leaves -o as it found it
             out.remove(STATE_FILE)

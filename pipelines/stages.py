@@ -42,6 +42,11 @@ from pipelines.workdir import OutputDir
 UNIT, DOCS, REASON, ERROR = "unit", "docs", "reason", "error"
 
 
+def document_columns(inputs: InputFiles, filters: FilterConfig) -> list[str]:
+    """What the read stage reads: text and the filters' score columns that the input has."""
+    return ["text", *[column for column in filters.threshold_columns() if column in inputs.columns]]
+
+
 def _rows_like(table_or_schema: pa.Table | pa.Schema, count: int, **columns: pa.Array) -> pa.Table:
     """`count` rows with the given columns, every other column of the schema null."""
     schema = table_or_schema if isinstance(table_or_schema, pa.Schema) else table_or_schema.schema
@@ -89,18 +94,25 @@ class UnitSource(Datasource):
 
 
 class Filter:
-    """map_batches on tasks: a unit's kept documents, then one tally row per reason documents were dropped."""
+    """map_batches on tasks: a unit's kept documents, then one tally row per reason documents were dropped.
+    With tallies=False (pipelines.dataset's documents()) only the kept documents' own columns, and an input
+    error is raised."""
 
-    def __init__(self, filters: FilterConfig):
+    def __init__(self, filters: FilterConfig, tallies: bool = True):
         self.filters = filters
+        self.tallies = tallies
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if table[ERROR].null_count < table.num_rows:
+            if not self.tallies:
+                raise InputError(table[ERROR].drop_null()[0].as_py())
             return table.append_column(REASON, pa.array(np.zeros(table.num_rows, np.int8)))
         docs = table[DOCS].to_numpy()
         reasons = drop_reasons(table, self.filters)
         reasons[docs == 0] = 0  # a placeholder stands for no document
         kept = (reasons == 0) & (docs == 1)
+        if not self.tallies:
+            return table.filter(pa.array(kept)).drop_columns([UNIT, DOCS, ERROR])
         tally = np.bincount(reasons, weights=docs, minlength=len(DROP_REASONS)).astype(np.int32)
         dropped = [reason for reason in range(1, len(DROP_REASONS)) if tally[reason]]
         parts = [table.filter(pa.array(kept)).append_column(REASON, pa.array(np.zeros(kept.sum(), np.int8)))]
