@@ -118,19 +118,22 @@ class Driver:
 
     def dataset(self, todo: list[WorkUnit], columns: list[str]):
         """Read{Parquet,JSON}->MapBatches(Filter) -> MapBatches(Tokenize) -> MapBatches(WriteShards), a block
-        per unit all the way (no size limit splits one)."""
-        from ray.data import ActorPoolStrategy, DataContext
+        per unit all the way (a read task per block requested, and a block size limit above any unit's)."""
+        from ray.data import ActorPoolStrategy
 
-        DataContext.get_current().target_max_block_size = None
         light = {"num_cpus": LIGHT_CPUS, **self.remote_args}
         source = UnitSource(self.inputs, columns, todo, self.config.batch_size)
-        return self.ray.data.read_datasource(source, override_num_blocks=len(todo), **light) \
+        ds = self.ray.data.read_datasource(source, override_num_blocks=len(todo), **light) \
             .map_batches(Filter(self.config.filters), batch_size=None, batch_format="pyarrow", **light) \
             .map_batches(Tokenize, fn_constructor_args=(self.out, self.config.filters.dedup), batch_size=None,
                          batch_format="pyarrow", compute=ActorPoolStrategy(size=self.num_workers),
                          num_cpus=self.cpus, **self.remote_args) \
             .map_batches(WriteShards, fn_constructor_args=(self.assembler_args(),), batch_size=None,
                          compute=ActorPoolStrategy(size=1), **light)
+        # a unit must stay one block (its Tokenize call writes its file): no size limit may split it
+        largest = 2 * max(unit.text_bytes for unit in todo)
+        ds.context.target_max_block_size = max(ds.context.target_max_block_size or 0, largest)
+        return ds
 
     def run(self, columns: list[str]) -> dict[str, float]:
         """Encode every unit and write every shard; returns the seconds spent encoding and finishing."""
