@@ -242,9 +242,10 @@ class PeakMemory:
 
 def spilled_bytes() -> int:
     """Bytes the object store has spilled to disk since the cluster started (0: nothing spilled)."""
+    import ray
     from ray._private.internal_api import memory_summary
 
-    summary = memory_summary(stats_only=True)
+    summary = memory_summary(ray.get_runtime_context().gcs_address, stats_only=True)
     for line in summary.splitlines():
         if line.strip().startswith("Spilled"):
             return int(float(line.split()[1]) * 2**20)  # "Spilled N MiB, M objects, ..."

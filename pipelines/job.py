@@ -42,6 +42,7 @@ from pipelines.workdir import (
 
 TOKENIZE_SHARE = 0.8  # of a CPU per Tokenize actor by default: the rest is for the light stages and tasks
 LIGHT_CPUS = 0.05  # what the read, Filter and WriteShards stages ask for: they are short next to the BPE
+LIGHT_MEMORY = 192 << 20  # a worker with pyarrow loaded; they also ask for 3x the largest unit's text
 NODE_RESOURCE_SHARE = 0.001  # what each actor and task asks of --node-resource: only where it runs matters
 
 
@@ -121,7 +122,8 @@ class Driver:
         per unit all the way (a read task per block requested, and a block size limit above any unit's)."""
         from ray.data import ActorPoolStrategy
 
-        light = {"num_cpus": LIGHT_CPUS, **self.remote_args}
+        largest = max(unit.text_bytes for unit in todo)
+        light = {"num_cpus": LIGHT_CPUS, "memory": LIGHT_MEMORY + 3 * largest, **self.remote_args}
         source = UnitSource(self.inputs, columns, todo, self.config.batch_size)
         ds = self.ray.data.read_datasource(source, override_num_blocks=len(todo), **light) \
             .map_batches(Filter(self.config.filters), batch_size=None, batch_format="pyarrow", **light) \
@@ -131,8 +133,7 @@ class Driver:
             .map_batches(WriteShards, fn_constructor_args=(self.assembler_args(),), batch_size=None,
                          compute=ActorPoolStrategy(size=1), **light)
         # a unit must stay one block (its Tokenize call writes its file): no size limit may split it
-        largest = 2 * max(unit.text_bytes for unit in todo)
-        ds.context.target_max_block_size = max(ds.context.target_max_block_size or 0, largest)
+        ds.context.target_max_block_size = max(ds.context.target_max_block_size or 0, 2 * largest)
         return ds
 
     def run(self, columns: list[str]) -> dict[str, float]:
