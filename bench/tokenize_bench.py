@@ -205,7 +205,7 @@ class PeakMemory:
 
     def __init__(self):
         self.driver = 0
-        self.workers: dict[int, tuple[str, int]] = {}  # pid -> (process title, peak RSS)
+        self.workers: dict[str, int] = {}  # worker process title (what it runs at the moment) -> peak RSS
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -218,18 +218,10 @@ class PeakMemory:
                     title, rss = " ".join(proc.cmdline()), proc.memory_info().rss
                 except psutil.Error:  # ended between listing and reading
                     continue
-                if title.startswith("ray::"):  # a worker: named by the first task or actor it ran
-                    name, peak = self.workers.get(proc.pid, ("ray::IDLE", 0))
-                    self.workers[proc.pid] = (title if name == "ray::IDLE" else name, max(peak, rss))
+                if title.startswith("ray::"):
+                    kind = title.split(" ")[0].split(".")[0]  # ray::MapWorker(MapBatches(Tokenize)).method
+                    self.workers[kind] = max(self.workers.get(kind, 0), rss)
             self._stop.wait(0.2)
-
-    def worker_peaks(self) -> dict[str, int]:
-        """The largest peak RSS among the worker processes of each kind."""
-        peaks: dict[str, int] = {}
-        for name, peak in self.workers.values():
-            kind = name.split(" ")[0]
-            peaks[kind] = max(peaks.get(kind, 0), peak)
-        return peaks
 
     def __enter__(self) -> PeakMemory:
         self._thread.start()
@@ -364,7 +356,7 @@ def main() -> None:
         print(f"end to end / Pool baseline       : {end_to_end / pool:.2f}")
         print(f"peak RSS of the driver           : {small_mem.driver / 2**20:,.0f} MiB at "
               f"{small_run['total_tokens']:,} tokens, {large_mem.driver / 2**20:,.0f} MiB at {tokens:,} tokens")
-        small_peaks, large_peaks = small_mem.worker_peaks(), large_mem.worker_peaks()
+        small_peaks, large_peaks = small_mem.workers, large_mem.workers
         for kind in sorted(large_peaks, key=large_peaks.get, reverse=True):
             print(f"peak RSS of a {kind:<45}: {small_peaks.get(kind, 0) / 2**20:,.0f} MiB -> "
                   f"{large_peaks[kind] / 2**20:,.0f} MiB")

@@ -137,7 +137,7 @@ class ShardAssembler:
             try:
                 written = self.ray.get(ref)
             except Exception as err:
-                if (cause := input_error_within(err)) is not None:
+                if (cause := _input_error_within(err)) is not None:
                     raise cause from None
                 raise
             self.shards.update({first + k: entry for k, entry in enumerate(written)})
@@ -174,7 +174,7 @@ class ShardAssembler:
             self._assemble(group, {unit: self.duplicates[unit]["files"] for unit in units & self.duplicates.keys()})
 
 
-def input_error_within(err: BaseException) -> InputError | ShardFormatError | None:
+def _input_error_within(err: BaseException) -> InputError | ShardFormatError | None:
     """The InputError (or ShardFormatError) a Ray task or a Ray Data stage raised, however Ray wrapped it."""
     seen: BaseException | None = err
     while seen is not None:
