@@ -1,6 +1,6 @@
 """Encoding a work unit: BPE its filtered documents and write the unit's tokens (and counters) to -o.
 
-Runs in the actors of the job's Ray Data stage `Tokenize` (pipelines.stages), one GPT-2 encoder each, built
+Runs in the actors of the job's Ray Data stage `Tokenize` (pipelines.dataset), one GPT-2 encoder each, built
 once. Nothing but a few counters goes on down the pipeline: the tokens go straight to the output directory,
 so the job has no single process that every token must cross.
 """

@@ -1,7 +1,7 @@
 """The tokenize job: the input's work units through a Ray Data pipeline that tokenizes them and writes shards.
 
 The input is cut into work units of similar text bytes (pipelines.plan), recorded once in -o's state file.
-The units not yet done flow through a Ray Data Dataset (pipelines.stages), a block per unit:
+The units not yet done flow through a Ray Data Dataset (pipelines.dataset), a block per unit:
 Read{Parquet,JSON}->MapBatches(Filter) -> MapBatches(Tokenize) -> MapBatches(WriteShards). Each actor of the
 Tokenize stage encodes a unit and writes its tokens into -o itself (pipelines.encode), passing on a few
 counters; from the units' exact token counts the shards' global offsets follow, and WriteShards launches the
@@ -22,10 +22,9 @@ from dataclasses import asdict
 from pipelines.assemble import ShardAssembler
 from pipelines.config import TokenizeConfig, create_output_dir, resolve_inputs
 from pipelines.dedup import count_duplicates
-from pipelines.filters import DROP_REASONS
+from pipelines.filters import DROP_REASONS, document_columns
 from pipelines.plan import WorkUnit, plan_units, unit_bytes_for
 from pipelines.sources import InputError, InputFiles
-from pipelines.stages import Filter, Tokenize, UnitSource, WriteShards, document_columns
 from pipelines.tokenizer import tokenizer_identity
 from pipelines.workdir import (
     MANIFEST_FILE,
@@ -49,7 +48,7 @@ NODE_RESOURCE_SHARE = 0.001  # what each actor and task asks of --node-resource:
 # ---- the driver: builds the Dataset, sizes its stages, reads its outcome ---------------------------------
 
 class Driver:
-    """Runs the job's units through the Ray Data pipeline (pipelines.stages) and keeps their counters; no token
+    """Runs the job's units through the Ray Data pipeline (pipelines.dataset) and keeps their counters; no token
     passes through it."""
 
     def __init__(self, config: TokenizeConfig, out: OutputDir, inputs: InputFiles):
@@ -121,6 +120,8 @@ class Driver:
         """Read{Parquet,JSON}->MapBatches(Filter) -> MapBatches(Tokenize) -> MapBatches(WriteShards), a block
         per unit all the way (a read task per block requested, and a block size limit above any unit's)."""
         from ray.data import ActorPoolStrategy
+
+        from pipelines.dataset import Filter, Tokenize, UnitSource, WriteShards
 
         largest = max(unit.text_bytes for unit in todo)
         light = {"num_cpus": LIGHT_CPUS, "memory": LIGHT_MEMORY + 3 * largest, **self.remote_args}
@@ -209,7 +210,7 @@ def tokenize(config: TokenizeConfig) -> dict:
         if driver.resumed["units"] or driver.resumed["shards"]:
             print(f"resuming: {driver.resumed['units']}/{len(driver.units)} units and {driver.resumed['shards']} "
                   f"shards already written in {out}")
-        timings = driver.run(document_columns(inputs, config.filters))
+        timings = driver.run(document_columns(inputs.columns, config.filters))
     except BaseException:
         if new_run and not driver.counters:  # a run that failed before any progress leaves -o as it found it
             out.remove(STATE_FILE)
