@@ -56,6 +56,11 @@ def duplicate_docs(out: OutputDir, unit: int, files: tuple[str, ...]) -> np.ndar
     return rows["doc"][rows["unit"] == unit]
 
 
+def count_duplicates(out: OutputDir) -> int:
+    """How many documents the duplicates files of find_duplicates list (0 without --dedup)."""
+    return sum(read_rows(out, name).size for name in out.glob(f"{PARTS_DIR}/duplicates_*.npy"))
+
+
 def find_duplicates(out: OutputDir, units: list[int], partitions: int, **remote_args) -> dict[int, dict]:
     """unit -> {"docs", "tokens" (dropped), "files" (holding its duplicates)}, for units with duplicates.
     The map and reduce steps are Ray tasks with `remote_args` (CPUs, custom resources)."""

@@ -31,6 +31,11 @@ class FilterConfig:
         return asdict(self)
 
 
+def document_columns(columns: list[str], filters: FilterConfig) -> list[str]:
+    """What the read stage reads of an input with `columns`: text and the filters' score columns it has."""
+    return ["text", *[column for column in filters.threshold_columns() if column in columns]]
+
+
 def drop_reasons(batch: pa.Table, config: FilterConfig) -> np.ndarray:
     """int8 per document: 0 if kept, else the index in DROP_REASONS of the first filter that dropped it.
 

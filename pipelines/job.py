@@ -1,12 +1,14 @@
-"""The tokenize job: the input's work units through a Ray Data pipeline, then shards assembled in parallel.
+"""The tokenize job: the input's work units through a Ray Data pipeline that tokenizes them and writes shards.
 
 The input is cut into work units of similar text bytes (pipelines.plan), recorded once in -o's state file.
-The units not yet done flow through a Ray Data Dataset, FromItems -> MapBatches(Tokenize): each actor of the
-Tokenize stage reads a unit, filters and encodes it and writes its tokens into -o itself (pipelines.encode),
-returning a few counters. From the units' exact token counts the shards' global offsets follow, and Ray
-tasks assemble the shards (pipelines.assemble) as soon as the units they cover are done. --dedup is a hash
-shuffle of Ray tasks between the two (pipelines.dedup). No token passes through the driver, the bytes depend
-on the inputs and flags alone, and a killed job resumes at the unit and shard it reached (pipelines.workdir).
+The units not yet done flow through a Ray Data Dataset (pipelines.dataset), a block per unit:
+Read{Parquet,JSON}->MapBatches(Filter) -> MapBatches(Tokenize) -> MapBatches(WriteShards). Each actor of the
+Tokenize stage encodes a unit and writes its tokens into -o itself (pipelines.encode), passing on a few
+counters; from the units' exact token counts the shards' global offsets follow, and WriteShards launches the
+Ray tasks that assemble the shards (pipelines.assemble) as soon as the units they cover are done. --dedup is a
+hash shuffle of Ray tasks before the shards (pipelines.dedup). No token passes through the driver, the bytes
+depend on the inputs and flags alone, and a killed job resumes at the unit and shard it reached
+(pipelines.workdir).
 """
 
 from __future__ import annotations
@@ -15,16 +17,13 @@ import json
 import socket
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
-from pipelines.assemble import assemble_shards
+from pipelines.assemble import ShardAssembler
 from pipelines.config import TokenizeConfig, create_output_dir, resolve_inputs
-from pipelines.dedup import find_duplicates
-from pipelines.encode import EncodeJob, Tokenize
-from pipelines.filters import DROP_REASONS
-from pipelines.plan import ShardPlan, WorkUnit, layout_shards, plan_units, unit_bytes_for
-from pipelines.shards import ShardFormatError
+from pipelines.dedup import count_duplicates
+from pipelines.filters import DROP_REASONS, document_columns
+from pipelines.plan import WorkUnit, plan_units, unit_bytes_for
 from pipelines.sources import InputError, InputFiles
 from pipelines.tokenizer import tokenizer_identity
 from pipelines.workdir import (
@@ -38,20 +37,19 @@ from pipelines.workdir import (
     record_units,
     recorded_units,
     refuse_unknown_shards,
-    unit_file,
 )
 
-ASSEMBLE_TOKENS = 32 << 20  # one assembly task writes consecutive shards up to this many tokens
-ASSEMBLE_CPUS = 0.1  # assembly copies bytes: it runs beside the Tokenize actors
-DEDUP_ROWS_PER_PARTITION = 2_000_000  # 20 bytes each: a few tens of MB per dedup reduce task
+TOKENIZE_SHARE = 0.8  # of a CPU per Tokenize actor by default: the rest is for the light stages and tasks
+LIGHT_CPUS = 0.05  # what the read, Filter and WriteShards stages ask for: they are short next to the BPE
+LIGHT_MEMORY = 192 << 20  # a worker with pyarrow loaded; they also ask for 3x the largest unit's text
 NODE_RESOURCE_SHARE = 0.001  # what each actor and task asks of --node-resource: only where it runs matters
 
 
-# ---- the driver: feeds the Dataset, launches shard assembly, keeps counters ------------------------------
+# ---- the driver: builds the Dataset, sizes its stages, reads its outcome ---------------------------------
 
 class Driver:
-    """Feeds the job's units to the Ray Data pipeline, launches the shard assembly tasks as the counters come
-    back, and keeps the counters; no token passes through it."""
+    """Runs the job's units through the Ray Data pipeline (pipelines.dataset) and keeps their counters; no token
+    passes through it."""
 
     def __init__(self, config: TokenizeConfig, out: OutputDir, inputs: InputFiles):
         import ray
@@ -63,17 +61,9 @@ class Driver:
         self.units: list[WorkUnit] = []
         self.counters: dict[int, dict] = {}  # unit -> what its Tokenize actor reported (done units)
         self.shards: dict[int, dict] = {}  # shard index -> its manifest entry (written shards)
-        self.duplicates: dict[int, dict] = {}  # unit -> --dedup's {"docs", "tokens" dropped, "files" naming them}
-        self.assembling: dict = {}  # ObjectRef -> the first shard index of the group it writes
+        self.duplicate_docs = 0  # documents --dedup dropped
         self.num_workers = 0
         self.cpus = 1.0
-        self.ordered_units = 0  # units 0..n-1 are all done: their shards' offsets are known
-        self.kept_tokens: list[int] = []  # per unit, for units 0..ordered_units-1
-        self.unit_ends: list[int] = []  # the end of each of those units in the kept-token stream
-        self.shards_launched = 0  # shards 0..n-1 are written or being written
-        self.shards_written = 0  # shards 0..n-1 are all written
-        self.units_consumed = 0  # units 0..n-1 are in written shards only: their token files are deleted
-        self.deleter = ThreadPoolExecutor(4)  # deletions on object stores are requests: off the scheduling loop
         self.tokens_this_run = 0
         self.resumed = {"units": 0, "shards": 0}
         self.remote_args = {"resources": {config.node_resource: NODE_RESOURCE_SHARE}} if config.node_resource else {}
@@ -97,10 +87,10 @@ class Driver:
             where = f"no node with the resource {config.node_resource!r} is up yet" if config.node_resource \
                 else "the Ray cluster has no CPUs"
             raise InputError(f"--num-workers: {where} to count; give --num-workers")
-        # Below a whole CPU each by default, so that the actors never hold every CPU and the assembly tasks
-        # (and Ray Data's own) still run beside them: a pool holding all CPUs of 2 stalls (shared/notes).
+        # Below a whole CPU each by default, so that the actors never hold every CPU and the read, WriteShards
+        # and assembly tasks still run beside them: a pool holding all CPUs of 2 stalls (shared/notes).
         self.cpus = config.cpus_per_worker or (1.0 if config.node_resource
-                                               else min(1.0, sum(node_cpus) / self.num_workers) * 0.9)
+                                               else min(1.0, sum(node_cpus) / self.num_workers) * TOKENIZE_SHARE)
         largest = max(node_cpus, default=0)
         if self.cpus > largest:
             if not config.node_resource:  # no autoscaler adds nodes the job did not ask for by resource
@@ -120,121 +110,55 @@ class Driver:
             raise InputError(f"no tokenizer worker started within --start-timeout {self.config.start_timeout:g}s: "
                              f"each needs {need}, which no node offers (see --cpus-per-worker, --node-resource)")
 
+    def assembler_args(self) -> dict:
+        config = self.config
+        return {"out": self.out, "prefix": config.prefix, "shard_size": config.shard_size, "units": len(self.units),
+                "dedup": config.filters.dedup, "counters": self.counters, "shards": self.shards,
+                "workers": self.num_workers, "remote_args": self.remote_args}
+
     def dataset(self, todo: list[WorkUnit], columns: list[str]):
-        """FromItems(units) -> MapBatches(Tokenize): one unit per block, so the actors share them evenly."""
+        """Read{Parquet,JSON}->MapBatches(Filter) -> MapBatches(Tokenize) -> MapBatches(WriteShards), a block
+        per unit all the way (a read task per block requested, and a block size limit above any unit's)."""
         from ray.data import ActorPoolStrategy
 
-        job = EncodeJob(self.inputs, self.out, self.config.filters, columns, self.config.batch_size)
-        items = [{"unit": json.dumps(unit.to_dict())} for unit in todo]
-        return self.ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            Tokenize, fn_constructor_args=(job,), batch_size=1, compute=ActorPoolStrategy(size=self.num_workers),
-            num_cpus=self.cpus, **self.remote_args)
+        from pipelines.dataset import Filter, Tokenize, UnitSource, WriteShards
 
-    def _results(self, ds):
-        """The counters of each unit as it is done; an input error met in an actor ends the job as one line."""
-        for row in ds.iter_rows():
-            if row["error"]:
-                raise InputError(row["error"])
-            yield json.loads(row["counters"])
-
-    # ---- shards ------------------------------------------------------------------------------------------
-    def _assemble(self, group: list[ShardPlan], duplicates: dict) -> None:
-        task = self.ray.remote(assemble_shards).options(num_cpus=ASSEMBLE_CPUS, **self.remote_args)
-        self.assembling[task.remote(self.out, self.config.prefix, group, duplicates)] = group[0].index
-
-    def _collect(self, timeout: float) -> None:
-        done, _ = self.ray.wait(list(self.assembling), num_returns=len(self.assembling), timeout=timeout)
-        for ref in done:
-            first = self.assembling.pop(ref)
-            try:
-                written = self.ray.get(ref)
-            except Exception as err:
-                if (cause := _input_error_within(err)) is not None:
-                    raise cause from None
-                raise
-            self.shards.update({first + k: entry for k, entry in enumerate(written)})
-        self._delete_consumed_units()
-
-    def _delete_consumed_units(self) -> None:
-        """Delete the token files of units that only written shards cover, so that -o does not hold every
-        token twice until the end (sample-100BT: ~200 GB of shards, and only the units in flight besides)."""
-        while self.shards_written in self.shards:
-            self.shards_written += 1
-        written_tokens = self.shards_written * self.config.shard_size
-        while self.units_consumed < self.ordered_units and self.unit_ends[self.units_consumed] <= written_tokens:
-            self.deleter.submit(self.out.remove, unit_file(self.units_consumed, "tokens"))
-            self.units_consumed += 1
-
-    def _launch_shards(self, final: bool) -> None:
-        """Assemble every shard whose units are all done (all remaining ones if final)."""
-        while self.ordered_units < len(self.units) and self.ordered_units in self.counters:
-            unit = self.ordered_units
-            dropped = self.duplicates.get(unit, {}).get("tokens", 0)
-            self.kept_tokens.append(self.counters[unit]["tokens"] - dropped)
-            self.unit_ends.append((self.unit_ends[-1] if self.unit_ends else 0) + self.kept_tokens[-1])
-            self.ordered_units += 1
-        total = sum(self.kept_tokens)
-        size = self.config.shard_size
-        launch_until = -(-total // size) if final else total // size
-        if launch_until <= self.shards_launched:
-            return
-        plans = [plan for plan in layout_shards(self.kept_tokens, size, range(self.shards_launched, launch_until))
-                 if plan.index not in self.shards]
-        self.shards_launched = launch_until
-        for group in _consecutive_groups(plans, max(1, ASSEMBLE_TOKENS // size)):
-            units = {unit for plan in group for unit, _, _ in plan.ranges}
-            self._assemble(group, {unit: self.duplicates[unit]["files"] for unit in units & self.duplicates.keys()})
+        largest = max(unit.text_bytes for unit in todo)
+        light = {"num_cpus": LIGHT_CPUS, "memory": LIGHT_MEMORY + 3 * largest, **self.remote_args}
+        source = UnitSource(self.inputs, columns, todo, self.config.batch_size)
+        ds = self.ray.data.read_datasource(source, override_num_blocks=len(todo), **light) \
+            .map_batches(Filter(self.config.filters), batch_size=None, batch_format="pyarrow", **light) \
+            .map_batches(Tokenize, fn_constructor_args=(self.out, self.config.filters.dedup), batch_size=None,
+                         batch_format="pyarrow", compute=ActorPoolStrategy(size=self.num_workers),
+                         num_cpus=self.cpus, **self.remote_args) \
+            .map_batches(WriteShards, fn_constructor_args=(self.assembler_args(),), batch_size=None,
+                         compute=ActorPoolStrategy(size=1), **light)
+        # a unit must stay one block (its Tokenize call writes its file): no size limit may split it
+        ds.context.target_max_block_size = max(ds.context.target_max_block_size or 0, 2 * largest)
+        return ds
 
     def run(self, columns: list[str]) -> dict[str, float]:
         """Encode every unit and write every shard; returns the seconds spent encoding and finishing."""
-        started = time.monotonic()
-        dedup = self.config.filters.dedup
-        if not dedup:
-            self._launch_shards(final=False)  # what a resumed run can assemble at once
+        started = encoded = time.time()  # wall clock: the Tokenize actors stamp their counters with it
         if todo := [unit for unit in self.units if unit.index not in self.counters]:
             self.wait_for_a_node()
-            for counters in self._results(self.dataset(todo, columns)):
+            for row in self.dataset(todo, columns).iter_rows():
+                if row["error"]:  # an input error met in a stage ends the job as one line
+                    raise InputError(row["error"])
+                counters = json.loads(row["counters"])
+                encoded = max(encoded, counters.pop("encoded_at"))
                 self.counters[counters["unit"]] = counters
                 self.tokens_this_run += counters["tokens"]
-                if not dedup:
-                    self._launch_shards(final=False)
-                self._collect(timeout=0)
-        encoded = time.monotonic()
-        if dedup:
-            kept = sum(c["docs"] - sum(c["dropped"].values()) for c in self.counters.values())
-            partitions = max(1, min(4 * self.num_workers, kept // DEDUP_ROWS_PER_PARTITION))
-            self.duplicates = find_duplicates(self.out, [u.index for u in self.units], partitions,
-                                              num_cpus=ASSEMBLE_CPUS, **self.remote_args)
-        self._launch_shards(final=True)
-        while self.assembling:
-            self._collect(timeout=10.0)
-        self.deleter.shutdown()  # waits; a deletion that failed leaves its file to the removal of tokenize_parts/
-        return {"tokenize_s": encoded - started, "finish_s": time.monotonic() - encoded}
+        else:  # a resume with every unit done: only shards are left
+            ShardAssembler(**self.assembler_args()).finish()
+        encoded = min(encoded, time.time())
+        self.counters, self.shards = finished_work(self.out)
+        self.duplicate_docs = count_duplicates(self.out)
+        return {"tokenize_s": encoded - started, "finish_s": time.time() - encoded}
 
 
 def _hostname() -> str:
     return socket.gethostname()
-
-
-def _input_error_within(err: BaseException) -> InputError | ShardFormatError | None:
-    """The InputError (or ShardFormatError) a Ray task or a Ray Data stage raised, however Ray wrapped it."""
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, (InputError, ShardFormatError)):
-            return seen
-        cause = getattr(seen, "cause", None)
-        seen = cause if isinstance(cause, BaseException) else (seen.__cause__ or seen.__context__)
-    return None
-
-
-def _consecutive_groups(plans: list[ShardPlan], most: int) -> list[list[ShardPlan]]:
-    groups: list[list[ShardPlan]] = []
-    for plan in plans:
-        if groups and len(groups[-1]) < most and groups[-1][-1].index + 1 == plan.index:
-            groups[-1].append(plan)
-        else:
-            groups.append([plan])
-    return groups
 
 
 # ---- the job ------------------------------------------------------------------------------------------------
@@ -286,7 +210,7 @@ def tokenize(config: TokenizeConfig) -> dict:
         if driver.resumed["units"] or driver.resumed["shards"]:
             print(f"resuming: {driver.resumed['units']}/{len(driver.units)} units and {driver.resumed['shards']} "
                   f"shards already written in {out}")
-        timings = driver.run(["text", *[c for c in config.filters.threshold_columns() if c in inputs.columns]])
+        timings = driver.run(document_columns(inputs.columns, config.filters))
     except BaseException:
         if new_run and not driver.counters:  # a run that failed before any progress leaves -o as it found it
             out.remove(STATE_FILE)
@@ -324,7 +248,7 @@ def tokenize(config: TokenizeConfig) -> dict:
 
 def _document_counts(driver: Driver) -> dict:
     dropped = {reason: sum(c["dropped"][reason] for c in driver.counters.values()) for reason in DROP_REASONS[1:]}
-    dropped["duplicate"] += sum(d["docs"] for d in driver.duplicates.values())  # the workers cannot know these
+    dropped["duplicate"] += driver.duplicate_docs  # the Tokenize actors cannot know these
     read = sum(c["docs"] for c in driver.counters.values())
     return {"read": read, "kept": read - sum(dropped.values()), "dropped": dropped}
 

@@ -1,9 +1,10 @@
 """Bad input and faults, run as a user runs them: the real commands on real files.
 
 Every case must end with exit status 2, one or two lines on stderr that name the file, flag or field at
-fault, no traceback, and every file that existed before the command byte-identical afterwards. Commands that
-start or join a Ray cluster run in a subprocess, as typed; the others through their main(argv) in this
-process (the same code from argument parsing on, without a second interpreter's start-up).
+fault, no traceback, and every file that existed before the command byte-identical afterwards. Each command
+runs through its main(argv) in this process (the same code from argument parsing on, without a second
+interpreter's start-up); the few whose check depends on starting a cluster of their own, or on reaching one
+by --address, run in a subprocess as typed, which also proves each script's wiring.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Case:
     setup: Callable[[Path], list[str]]  # writes what the case needs under the directory; returns the argv
     names: str  # the stderr line must contain this (the file, flag or field at fault)
     ray: bool = False  # the command gets --address of the session's Ray cluster (one cluster for all such cases)
+    subprocess: bool = False  # as typed, in a fresh interpreter that starts a local cluster or looks for one
 
 
 def _jsonl(directory: Path, lines: list[str], name: str = "docs.jsonl") -> Path:
@@ -256,19 +258,19 @@ CASES = [
     Case("tokenize: empty --prefix", lambda tmp: _tokenize(tmp, "--prefix", ""), "--prefix"),
     Case("tokenize: --dataset with --input", lambda tmp: _tokenize(tmp, "--dataset", "someone/corpus"), "--dataset"),
     Case("tokenize: --address that is not an address", lambda tmp: _tokenize(tmp, "--address", "garbage"),
-         "--address garbage: not a Ray address"),
+         "--address garbage: not a Ray address", subprocess=True),
     Case("tokenize: -o a read-only directory", lambda tmp: [*_tokenize(tmp)[:3], "-o", READ_ONLY_DIR],
          f"-o {READ_ONLY_DIR}: cannot write there"),
     Case("tokenize: -o inside a read-only directory",
          lambda tmp: [*_tokenize(tmp)[:3], "-o", f"{READ_ONLY_DIR}/shards"], f"-o {READ_ONLY_DIR}/shards"),
     Case("tokenize: --address where nothing listens", lambda tmp: _tokenize(tmp, "--address", NOTHING_LISTENS),
-         f"--address {NOTHING_LISTENS}: no Ray cluster answers there"),
+         f"--address {NOTHING_LISTENS}: no Ray cluster answers there", subprocess=True),
     Case("run.py: --address where nothing listens", _engine("training/run.py", "--address", NOTHING_LISTENS),
-         f"--address {NOTHING_LISTENS}: no Ray cluster answers there"),
+         f"--address {NOTHING_LISTENS}: no Ray cluster answers there", subprocess=True),
     Case("hellaswag.py: --address where nothing listens",
          lambda tmp: ["evals/hellaswag.py", "--checkpoint", str(_checkpoint(tmp)), "--address", NOTHING_LISTENS,
                       "--file", str(_jsonl(tmp, [json.dumps(GOOD_EXAMPLE)], "hellaswag.jsonl"))],
-         f"--address {NOTHING_LISTENS}: no Ray cluster answers there"),
+         f"--address {NOTHING_LISTENS}: no Ray cluster answers there", subprocess=True),
     Case("train.py: --resume-from a missing directory", _engine("training/train.py", "--resume-from", "/nowhere/ckpt"),
          "/nowhere/ckpt"),
     Case("train.py: -t beyond the model's context", _engine("training/train.py", "-t", "2048"), "-t 2048"),
@@ -276,7 +278,7 @@ CASES = [
     Case("train.py: -i matches nothing", lambda tmp: ["training/train.py", "-i", str(tmp / "none_*.bin"), "-j", ""],
          "-i "),
     Case("run.py: -i matches nothing", lambda tmp: ["training/run.py", "-i", str(tmp / "none_*.bin"), "-j", "",
-                                                    "-o", str(tmp / "run")], "-i"),
+                                                    "-o", str(tmp / "run")], "-i", subprocess=True),
     Case("plot.py: a directory without main.log", lambda tmp: ["training/plot.py", str(tmp)], "main.log"),
     Case("export.py: nothing to do", lambda tmp: ["training/export.py", str(tmp)], "--llmc"),
     Case("hellaswag.py: --tasks -1", lambda tmp: ["evals/hellaswag.py", "--checkpoint", str(tmp), "--tasks", "-1"],
@@ -289,7 +291,7 @@ CASES = [
          "/no/hs.jsonl"),
     Case("run.py: -d that does not split into micro-batches", _engine("training/run.py", "-d", "1000"), "-d 1000"),
     Case("run.py: more workers than the local cluster holds", _engine("training/run.py", "--workers", "64"),
-         "--workers 64"),
+         "--workers 64", subprocess=True),
     Case("run.py: an elastic range with groups -d cannot split over",  # -b 2 x -t 16: -d 192 is 6 micro-batches
          _engine("training/run.py", "--workers", "8", "--min-workers", "2", "-d", "192"), "sizes that keep -d: 2-6"),
 ]
@@ -300,18 +302,19 @@ def _snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-# Scripts that connect to Ray: in this process they would find the session's cluster already connected.
+# Scripts that connect to Ray: in this process they use the session's cluster, never one of their own.
 CONNECTS_TO_RAY = {"pipelines/tokenize.py", "training/run.py"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_nothing_changes(case, tmp_path, request):
     script, *argv = case.setup(tmp_path)
-    if case.ray:
-        argv += ["--address", request.getfixturevalue("ray_cluster").get_runtime_context().gcs_address]
+    if case.ray or (script in CONNECTS_TO_RAY and not case.subprocess):
+        cluster = request.getfixturevalue("ray_cluster")  # connected: the command never starts one of its own
+        if case.ray:
+            argv += ["--address", cluster.get_runtime_context().gcs_address]
     before = _snapshot(tmp_path)
-    in_subprocess = script in CONNECTS_TO_RAY or "--address" in argv
-    done = run_subprocess(script, argv) if in_subprocess else run_cli(script, argv)
+    done = run_subprocess(script, argv) if case.subprocess else run_cli(script, argv)
     # Ray's own start-up log lines (a command that starts a local cluster) are Ray's, not the error's.
     lines = [line for line in done.stderr.strip().splitlines() if not RAY_LOG_LINE.match(line)]
     assert done.returncode == 2, done.stderr[-3000:]

@@ -26,7 +26,7 @@ import torch
 
 from gpt2.checkpoint import load_part, read_state
 from gpt2.mainlog import read
-from tests.helpers import REPO, ReportGate, make_shards
+from tests.helpers import REPO, ReportGate, make_shards, wait_for
 from training.config import ConfigError, TrainConfig
 from training.data import ShardLoader
 from training.launcher.elastic import check_group_sizes, uneven_split_note
@@ -245,13 +245,21 @@ def two_node_head(tmp_path_factory):
         yield head
 
 
+def preemption_seen(head) -> bool:
+    """Ray Train's preemption watcher (an actor of the run) logs the drain it has seen, then marks every worker
+    preempted: from then on the run's next report learns of it."""
+    return any("PreemptionWatcher: preemption detected" in log.read_text(errors="replace")
+               for log in head.temp_dir.rglob("worker-*.err"))
+
+
 def run_while_reclaiming(head, out: Path, run_flags: list[str], steps: int, tmp_path: Path,
                          notice: bool = False) -> subprocess.CompletedProcess:
     """`run.py --workers 2 --min-workers 1` on the head and a second node of one CPU each. The run is held at
     its first registered checkpoint while the second node's process tree is SIGKILLed (no drain, as when a
     spot instance is reclaimed), then let go. With `notice`, the run is first held at its first report while
     EC2's spot notice appears in the node's instance metadata and the node's `training.ops.spot_watch` drains it
-    for preemption with the notice's deadline: the run's checkpoint is then the one the notice asked for."""
+    for preemption with the notice's deadline; the run goes on once Ray Train's preemption watcher has seen the
+    drain, so its checkpoint is then the one the notice asked for."""
     at_first_report, at_checkpoint = ReportGate(tmp_path / "first_report", False), ReportGate(tmp_path / "ckpt")
     gates = [at_first_report, at_checkpoint] if notice else [at_checkpoint]
     with ray_node(head, num_cpus=1) as node, spot_metadata() as (metadata_url, metadata):
@@ -266,6 +274,7 @@ def run_while_reclaiming(head, out: Path, run_flags: list[str], steps: int, tmp_
                 at_first_report.wait_until_held()
                 post_spot_notice(metadata, seconds=60)
                 reclaimed["watcher"] = watcher.communicate(timeout=120)[0]  # it exits once it has drained
+                wait_for(lambda: preemption_seen(head), "Ray Train's preemption watcher to see the drain")
                 at_first_report.release()
             reclaimed["checkpoint"] = at_checkpoint.wait_until_held()
             reclaimed["finished"] = (out / f"ckpt_{steps:08d}").exists()
@@ -277,7 +286,7 @@ def run_while_reclaiming(head, out: Path, run_flags: list[str], steps: int, tmp_
         run = subprocess.run([sys.executable, "-c", GATED_RUN, json.dumps([[str(g.directory), g.checkpoint]
                                                                             for g in gates]),
                               "--address", head.gcs_address, "--workers", "2", "--min-workers", "1", *run_flags],
-                             cwd=REPO, env={**head.env, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"},
+                             cwd=REPO, env={**head.env, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.1"},
                              capture_output=True, text=True, timeout=600)
         reclaimer.join()
         if watcher and watcher.poll() is None:
@@ -309,26 +318,23 @@ def test_a_reclaimed_node_leaves_the_run_on_one_worker_with_the_same_result(refe
     assert_same_losses(out, reference)
 
 
-def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_there(ray_cluster, data, two_node_head,
+def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_there(reference, data, two_node_head,
                                                                                  tmp_path):
     """As the reclaim above, but EC2's spot notice first reaches the second node, whose spot watcher drains
     it for preemption with a deadline, and the node is SIGKILLed once the run has reacted. No -n
     checkpoints: without the just-in-time one the restart would begin again at step 0."""
-    steps = 20
-    # A model whose steps take ~0.5 s here: after the drain the run goes on long enough for Ray Train's
-    # preemption watcher (polling every 0.5 s) to see it. Later flags win over FLAGS.
-    slower = ["-e", "L4H4C128", "-b", "4", "-t", "64", "-d", "1024", "-n", "0", "-x", str(steps),
-              "--report-interval", "0.5"]
-    reference, out = tmp_path / "reference", tmp_path / "preempted"
-    assert main([*flags(data, reference), *slower, "--workers", "2"]) == 0
-    run = run_while_reclaiming(two_node_head, out, [*flags(data, out), *slower], steps, tmp_path, notice=True)
+    # The run is let go once Ray Train's preemption watcher has told its workers; a report (and with it a look
+    # at the notice) at every step. Later flags win over FLAGS; neither changes the numbers.
+    paced = ["-n", "0", "-x", str(STEPS), "--report-interval", "0"]
+    out = tmp_path / "preempted"
+    run = run_while_reclaiming(two_node_head, out, [*flags(data, out), *paced], STEPS, tmp_path, notice=True)
     notice = re.search(r"preemption notice: rank\(s\) \d on a node being drained, reclaimed in \d+ s; "
                        r"checkpointing at step (\d+)", run.stdout)
     resize = re.search(r"resize: 2 -> 1 workers at step (\d+)", run.stdout)
     assert notice and resize, "\n".join(line for line in run.stdout.splitlines() if "step " not in line)[-6000:]
-    assert 0 < int(notice[1]) == int(resize[1]) < steps  # resumed from the just-in-time checkpoint
+    assert 0 < int(notice[1]) == int(resize[1]) < STEPS  # resumed from the just-in-time checkpoint
     assert run.checkpoint == f"ckpt_{int(notice[1]):08d}"
     log = (out / "main.log").read_text().splitlines()
-    assert [int(line.split()[0][2:]) for line in log if " trl:" in line] == list(range(steps))
-    assert_same_training(out, reference, steps)
+    assert [int(line.split()[0][2:]) for line in log if " trl:" in line] == list(range(STEPS))
+    assert_same_training(out, reference, STEPS)
     assert_same_losses(out, reference)

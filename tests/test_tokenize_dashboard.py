@@ -36,7 +36,15 @@ def test_the_tokenize_job_is_listed_on_the_dashboard(tmp_path, tmp_path_factory)
     assert len(datasets) == 1, datasets
     (dataset,) = datasets
     assert dataset["state"] == "FINISHED"
-    tokenize = dataset["operators"][-1]
-    assert tokenize["name"] == "MapBatches(Tokenize)" and tokenize["state"] == "FINISHED"
-    assert tokenize["total_rows"] == manifest["units"] > 1  # a row per work unit: its counters
-    assert dataset["progress"] == dataset["total"] == manifest["units"]
+    operators = {op["name"]: op for op in dataset["operators"]}
+    # read and Filter are fused into one operator (Ray tasks); Tokenize and WriteShards are actor pools
+    assert [name for name in operators if name != "Input"] == \
+        ["ReadJSON->MapBatches(Filter)", "MapBatches(Tokenize)", "MapBatches(WriteShards)"], list(operators)
+    assert all(op["state"] == "FINISHED" for op in operators.values()), operators
+    units = manifest["units"]
+    assert units > 1
+    # a block per work unit all the way: the unit's filtered documents, then its counters (a row each)
+    assert operators["ReadJSON->MapBatches(Filter)"]["total_rows"] >= manifest["docs"]["kept"]
+    assert operators["MapBatches(Tokenize)"]["total_rows"] == units
+    assert operators["MapBatches(WriteShards)"]["total_rows"] == units
+    assert dataset["progress"] == dataset["total"] == units

@@ -90,17 +90,22 @@ def kill_tree(pid: int) -> None:
             continue
 
 
+# Asked of the GCS through a short-lived driver rather than of the dashboard's state API, which once stopped
+# answering for minutes on a heavily loaded machine while the GCS, the nodes and the runs went on.
+ALIVE_NODES = """
+import json, sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+print(json.dumps([{"node_id": n["NodeID"], "is_head_node": "node:__internal_head__" in n["Resources"]}
+                  for n in ray.nodes() if n["Alive"]]))
+"""
+
+
 def alive_nodes(head: RayHead) -> list[dict]:
-    """The nodes the cluster lists alive, as `ray list nodes` describes them (just after the head starts its
-    state API may answer something other than JSON: asked again then)."""
-    for _ in range(30):
-        done = subprocess.run([*RAY, "list", "nodes", "--address", head.dashboard_url, "--filter", "state=ALIVE",
-                               "--format", "json"], env=head.env, capture_output=True, text=True)
-        try:
-            return json.loads(done.stdout)
-        except ValueError:
-            time.sleep(1)
-    raise AssertionError(f"ray list nodes: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+    """The nodes the cluster lists alive: [{"node_id": ..., "is_head_node": ...}]."""
+    done = subprocess.run([sys.executable, "-c", ALIVE_NODES, head.gcs_address], env=head.env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, f"listing the nodes of {head.gcs_address}: {done.stderr[-2000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @contextmanager
