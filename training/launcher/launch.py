@@ -30,7 +30,7 @@ from training.launcher.placement import (
     settle_core,
 )
 from training.launcher.progress import hour_price
-from training.launcher.reports import FailureLog, WorkerGroupLog, report_group_failures
+from training.launcher.records import FailureLog, WorkerGroupLog, report_group_failures
 from training.launcher.storage import staged
 from training.launcher.worker import INPUT_ERRORS, FatalTrainingError, train_worker
 from training.resume import check_same_run

@@ -1,5 +1,4 @@
-"""What the driver keeps of a run outside its workers (Ray actors beside the driver), and what the workers tell Ray
-Train (throttled reports, checkpoint registration)."""
+"""What the workers tell Ray Train: throttled reports and checkpoint registration."""
 
 from __future__ import annotations
 
@@ -12,61 +11,6 @@ import torch
 
 from gpt2.rundir import RUN_LOGS
 from training.launcher.storage import upload
-
-
-class FailureLog:
-    """The first deterministic error of a run, kept outside the workers so restarted workers and the driver
-    can see it. A Ray actor with no CPU; created by the driver for one fit."""
-
-    def __init__(self):
-        self.error: tuple[str, bool] | None = None
-
-    def record(self, message: str, bad_input: bool) -> None:
-        if self.error is None:
-            self.error = message, bad_input
-
-    def first(self) -> tuple[str, bool] | None:
-        """(message, bad_input) of the first error recorded."""
-        return self.error
-
-
-class WorkerGroupLog:
-    """The worker groups of one fit, kept outside them: when each started and with how many workers, and why
-    the one before failed (Ray Train's controller reports worker errors here). Each new group's rank 0 reads
-    it to record a resize and to count the worker-hours used. A Ray actor with no CPU; created by the driver."""
-
-    def __init__(self):
-        self.starts: list[tuple[float, int]] = []  # (time.time(), workers)
-        self.failure: str | None = None  # why the running group failed, until the next one starts
-
-    def failed(self, reason: str) -> None:
-        if self.failure is None:  # the first error tells; the others are its echoes on the other ranks
-            self.failure = reason
-
-    def started(self, at: float, workers: int) -> tuple[list[tuple[float, int]], str | None]:
-        """Every group start so far, this one last, and why the group before it failed (None: it did not)."""
-        self.starts.append((at, workers))
-        failure, self.failure = self.failure, None
-        return list(self.starts), failure
-
-
-def report_group_failures(groups) -> Any:
-    """A ray.train.UserCallback, run by Ray Train's controller, that tells `groups` (a WorkerGroupLog) why a
-    worker group failed. Made here because the launcher imports Ray only once it runs."""
-    from ray.train import UserCallback
-
-    class ReportGroupFailures(UserCallback):
-        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-            def cause_first(item: tuple[int, Exception]) -> tuple[bool, int]:
-                # A lost node shows as its workers' failed health checks; the survivors' errors (a collective
-                # whose peer vanished) follow from it.
-                return "HealthCheck" not in type(item[1]).__name__, item[0]
-
-            rank, error = min(worker_exceptions.items(), key=cause_first)
-            first_line = (str(error).strip().splitlines() or [""])[0][:160]
-            groups.failed.remote(f"rank {rank} failed: {type(error).__name__}: {first_line}")
-
-    return ReportGroupFailures()
 
 
 class RayReports:

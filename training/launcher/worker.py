@@ -50,7 +50,7 @@ def _resize_reason(group_starts: list[tuple[float, int]], group_failure: str | N
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker. `loop_config`: the engine's TrainConfig ("train"), the Launch, and the
-    driver's FailureLog and WorkerGroupLog actors (training/launcher/reports.py)."""
+    driver's FailureLog and WorkerGroupLog actors (training/launcher/records.py)."""
     import ray
     import ray.train
     import ray.train.torch
