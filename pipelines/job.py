@@ -88,7 +88,7 @@ class Driver:
                 else "the Ray cluster has no CPUs"
             raise InputError(f"--num-workers: {where} to count; give --num-workers")
         # Below a whole CPU each by default, so that the actors never hold every CPU and the read, WriteShards
-        # and assembly tasks still run beside them: a pool holding all CPUs of 2 stalls (shared/notes).
+        # and assembly tasks still run beside them: on a 2-CPU node a pool holding every CPU stalls the pipeline.
         self.cpus = config.cpus_per_worker or (1.0 if config.node_resource
                                                else min(1.0, sum(node_cpus) / self.num_workers) * TOKENIZE_SHARE)
         largest = max(node_cpus, default=0)

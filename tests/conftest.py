@@ -20,7 +20,7 @@ def ray_cluster():
     """One real local Ray cluster for the whole test session.
 
     Four logical CPUs on a 2-core machine: Ray Data's actor pools and read tasks would otherwise wait on
-    each other (see shared/notes), and the tests only need concurrency, not dedicated cores.
+    each other for the CPUs, and the tests only need concurrency, not dedicated cores.
     """
     import ray
 
