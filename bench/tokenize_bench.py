@@ -1,5 +1,5 @@
 """Tokenize throughput: our Ray job against raw tiktoken and a multiprocessing.Pool baseline, plus the
-ceiling of the write path, old (one ordered writer) and new (per-unit parts + parallel shard assembly).
+ceiling of a worker's write path (per-unit token files + shard assembly).
 
     python bench/tokenize_bench.py [--tokens 150e6] [--workers N]
 
@@ -9,10 +9,9 @@ FineWeb-sized documents (~1,000 tokens each), written as parquet. Printed:
 * raw single-process tiktoken tok/s (the unit of "cores of tiktoken"), and N raw processes at once (on a VM
   or with shared caches N cores together give less than N x one alone: the most any job can reach);
 * the Pool + imap baseline (llm.c's fineweb.py: read, tokenize in a Pool, fill shards in the parent);
-* the write path alone, fed pre-tokenized documents, no Ray, no BPE, one process: the old path is the
-  ShardStream of commit 103bda1 (loaded from git) that every token used to cross in the driver; the new
-  path is what each worker does per token here (write its unit's tokens, then assemble shards from unit
-  files), which runs in every worker at once, so its ceiling grows with the workers;
+* the write path alone, fed pre-tokenized documents, no Ray, no BPE, one process: what each worker does per
+  token (write its unit's tokens, then assemble shards from unit files), which runs in every worker at once,
+  so its ceiling grows with the workers;
 * the Ray Data job end to end (ReadParquet->Filter -> Tokenize -> WriteShards, Ray cluster already up) at two
   input sizes (4x apart), its fixed start-up and its steady state (the job's own timings), and the ratios
   against raw tiktoken x cores and against N raw processes at once (targets 0.84 end to end, 0.88 steady);
@@ -25,13 +24,10 @@ FineWeb-sized documents (~1,000 tokens each), written as parquet. Printed:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import multiprocessing
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -54,7 +50,6 @@ from pipelines.workdir import PARTS_DIR, OutputDir, unit_file
 REPO = Path(__file__).resolve().parents[1]
 SHARD_SIZE = 10_000_000
 FILES = 8
-FUNNEL_WRITER_COMMIT = "103bda1"  # the last commit whose driver wrote every shard itself
 WRITE_PATH_TOKENS = 40_000_000
 UNIT_TOKENS = 4_000_000  # the job's largest unit (16 MiB of text) holds about this many tokens
 
@@ -145,35 +140,7 @@ def pretokenized_documents(documents: list[str], total_tokens: int) -> list[np.n
     return sample * max(1, total_tokens // per_round)
 
 
-def old_write_path(docs: list[np.ndarray], out_dir: Path) -> float | None:
-    """tok/s of the old driver's ShardStream (loaded from git) fed the batches its actors produced."""
-    try:
-        source = subprocess.run(["git", "show", f"{FUNNEL_WRITER_COMMIT}:pipelines/writer.py"], cwd=REPO,
-                                capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None  # no git history here
-    spec = importlib.util.spec_from_loader("funnel_writer", loader=None)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    exec(compile(source, "funnel_writer.py", "exec"), module.__dict__)
-    batches = []
-    for start in range(0, len(docs), 1024):  # what the old actors sent: one row per document
-        chunk = docs[start:start + 1024]
-        offsets = np.concatenate([[0], np.cumsum([2 * t.size for t in chunk])]).astype(np.int64)
-        tokens = pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(chunk),
-                                                  [None, pa.py_buffer(offsets), pa.py_buffer(np.concatenate(chunk))])
-        batches.append(pa.table({"file": pa.array(np.zeros(len(chunk), np.int32)),
-                                 "row": pa.array(np.arange(start, start + len(chunk), dtype=np.int64)),
-                                 "reason": pa.array(np.zeros(len(chunk), np.int8)), "tokens": tokens}))
-    fingerprint = {"filters": {"dedup": False}}
-    stream = module.ShardStream(out_dir, "old", SHARD_SIZE, fingerprint, ["bench"])
-    started = time.perf_counter()
-    total = sum(stream.add_batch(batch) for batch in batches)
-    stream.finish()
-    return total / (time.perf_counter() - started)
-
-
-def new_write_path(docs: list[np.ndarray], out_dir: Path) -> float:
+def write_path(docs: list[np.ndarray], out_dir: Path) -> float:
     """tok/s of one process doing a worker's write path: write unit token files, assemble shards from them."""
     out = OutputDir(out_dir)
     out.makedirs(PARTS_DIR)
@@ -315,13 +282,10 @@ def main() -> None:
                 large_run, large_s, large_mem = run, seconds, memory
         spilled = spilled_bytes()
         pretokenized = pretokenized_documents(large_docs, WRITE_PATH_TOKENS)
-        old_ceiling = new_ceiling = 0.0
+        write_ceiling = 0.0
         for _ in range(args.rounds):
-            for path in ("old", "new"):
-                shutil.rmtree(work / path, ignore_errors=True)
-            (work / "old").mkdir()
-            old_ceiling = max(old_ceiling, old_write_path(pretokenized, work / "old") or 0.0)
-            new_ceiling = max(new_ceiling, new_write_path(pretokenized, work / "new"))
+            shutil.rmtree(work / "new", ignore_errors=True)
+            write_ceiling = max(write_ceiling, write_path(pretokenized, work / "new"))
         workers, tokens = large_run["num_workers"], large_run["total_tokens"]
         timings = large_run["timings_s"]
         end_to_end = tokens / large_s
@@ -334,11 +298,8 @@ def main() -> None:
         print(f"raw tiktoken, 1 process          : {raw:12,.0f} tok/s")
         print(f"raw tiktoken, {cores} processes at once: {raw_together:12,.0f} tok/s = "
               f"{raw_together / (raw * cores):.2f} x raw x {cores}: what these cores give together")
-        if old_ceiling:  # 0: no git history to load the old writer from
-            print(f"write path, old (1 driver)       : {old_ceiling:12,.0f} tok/s = {cores_of(old_ceiling)}, "
-                  "the job's ceiling whatever the cluster")
-        print(f"write path, new, per worker      : {new_ceiling:12,.0f} tok/s = {cores_of(new_ceiling)}, "
-              f"x {workers} workers here = {cores_of(new_ceiling * workers)}")
+        print(f"write path, per worker           : {write_ceiling:12,.0f} tok/s = {cores_of(write_ceiling)}, "
+              f"x {workers} workers here = {cores_of(write_ceiling * workers)}")
         print(f"multiprocessing.Pool({cores}) + imap   : {pool:12,.0f} tok/s end to end")
         print(f"Ray Data job, {workers} workers, end to end: {end_to_end:12,.0f} tok/s "
               f"({tokens:,} tokens in {large_s:.1f}s; {small_run['total_tokens']:,} in {small_s:.1f}s)")
