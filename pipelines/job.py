@@ -126,8 +126,11 @@ class Driver:
         largest = max(unit.text_bytes for unit in todo)
         light = {"num_cpus": LIGHT_CPUS, "memory": LIGHT_MEMORY + 3 * largest, **self.remote_args}
         source = UnitSource(self.inputs, columns, todo, self.config.batch_size)
-        ds = self.ray.data.read_datasource(source, override_num_blocks=len(todo), **light) \
-            .map_batches(Filter(self.config.filters), batch_size=None, batch_format="pyarrow", **light) \
+        # as many reads at once as Tokenize actors: more only start worker processes that take CPU from the BPE
+        ds = self.ray.data.read_datasource(source, override_num_blocks=len(todo), concurrency=self.num_workers,
+                                           **light) \
+            .map_batches(Filter(self.config.filters), batch_size=None, batch_format="pyarrow",
+                         concurrency=self.num_workers, **light) \
             .map_batches(Tokenize, fn_constructor_args=(self.out, self.config.filters.dedup), batch_size=None,
                          batch_format="pyarrow", compute=ActorPoolStrategy(size=self.num_workers),
                          num_cpus=self.cpus, **self.remote_args) \
