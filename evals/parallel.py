@@ -265,10 +265,6 @@ class ConcurrentEvals:
                   f"{self.num_gpus:g} GPU)", flush=True)
             self._collect(timeout=None)
 
-    @property
-    def pending(self) -> bool:
-        return self.running is not None or self.waiting is not None
-
     def _start_waiting(self) -> None:
         if self.waiting and not self.running:
             step, source, examples = self.waiting
