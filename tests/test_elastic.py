@@ -236,10 +236,13 @@ sys.exit(main(sys.argv[2:], callbacks=[ReportGate(path, checkpoint) for path, ch
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def two_node_head(tmp_path_factory):
     """A head of one CPU that notices a dead node within ~2 s (`health_check_failure_threshold` missed checks
-    of `health_check_period_ms`); each test adds the second node it reclaims."""
+    of `health_check_period_ms`); each test adds the second node it reclaims. One head per test: Ray Train
+    sizes an elastic group from the cluster's AutoscalingCoordinator (an actor of Ray Data), whose view of the
+    nodes is refreshed every 20 s, so on a head shared with an earlier test a run could start before that view
+    holds the test's second node, and start with one worker."""
     fast_detection = {"health_check_period_ms": 1000, "health_check_failure_threshold": 2}
     with ray_head(tmp_path_factory.mktemp("ray"), num_cpus=1, system_config=fast_detection) as head:
         yield head
