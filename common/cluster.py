@@ -27,11 +27,18 @@ def check_listening(address: str) -> None:
         raise ConnectionError(f"no Ray cluster answers there ({err})") from err
 
 
+def cannot_grow(address: str | None) -> bool:
+    """Whether the cluster a command uses has no autoscaler: one it starts on this machine, or one its process
+    joined already (in-process), rather than a cluster named by --address or RAY_ADDRESS. On such a cluster a
+    resource request no node holds waits forever, so it is an error rather than a note."""
+    return address is None and "RAY_ADDRESS" not in os.environ
+
+
 def starts_local_cluster(address: str | None) -> bool:
     """Whether connect(address) starts a cluster on this machine, whose workers see this machine's files."""
     import ray
 
-    return address is None and "RAY_ADDRESS" not in os.environ and not ray.is_initialized()
+    return cannot_grow(address) and not ray.is_initialized()
 
 
 def check_address(address: str | None = None) -> None:

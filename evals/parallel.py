@@ -164,15 +164,14 @@ class ClusterTooSmall(ValueError):
 
 def connect_for_tasks(address: str | None, gpus_per_task: float) -> None:
     """Connect an eval command to Ray for its tasks (common.cluster.connect), then make sure a task's
-    --gpus-per-task fits a node: ClusterTooSmall on a cluster this call started (nothing can add the nodes it
+    --gpus-per-task fits a node: ClusterTooSmall on a cluster that cannot grow (nothing can add the nodes it
     lacks, so the tasks would wait forever), a note on a cluster an autoscaler may grow."""
-    from common.cluster import connect, starts_local_cluster
+    from common.cluster import cannot_grow, connect
 
-    fixed_size = starts_local_cluster(address)
     connect(address)
     if (most := gpus_short(gpus_per_task)) is not None:
         message = f"--gpus-per-task {gpus_per_task:g}: no node of the cluster has that many GPUs (the most is {most:g})"
-        if fixed_size:
+        if cannot_grow(address):
             raise ClusterTooSmall(f"{message}; lower it, or join a cluster with GPU nodes (--address)")
         print(f"note: {message}; the tasks wait until the autoscaler adds a GPU node", flush=True)
 

@@ -291,7 +291,7 @@ CASES = [
          "/no/hs.jsonl"),
     Case("run.py: -d that does not split into micro-batches", _engine("training/run.py", "-d", "1000"), "-d 1000"),
     Case("run.py: more workers than the local cluster holds", _engine("training/run.py", "--workers", "64"),
-         "--workers 64", subprocess=True),
+         "--workers 64"),
     Case("run.py: an elastic range with groups -d cannot split over",  # -b 2 x -t 16: -d 192 is 6 micro-batches
          _engine("training/run.py", "--workers", "8", "--min-workers", "2", "-d", "192"), "sizes that keep -d: 2-6"),
 ]

@@ -109,6 +109,7 @@ class Case:
     setup: Callable[[Path], list[str]]  # the command line, after writing what the case needs under the directory
     names: str  # the stderr line must contain this
     subprocess: bool = False  # starts (or would join) a Ray cluster of its own
+    cluster: bool = False  # in this process, connected to the session's Ray cluster (CPUs only, no GPU)
 
 
 CASES = [
@@ -143,14 +144,14 @@ CASES = [
          lambda t: ["training/run.py", *_engine(t, "-y", "1", "--workers", "1", "-x", str(STEPS + 2), "-h", "1",
                                                 "--hellaswag-file", str(_examples(t)), "--eval-on", "tasks",
                                                 "--eval-gpus-per-task", "1")],
-         "--eval-gpus-per-task 1", subprocess=True),
+         "--eval-gpus-per-task 1", cluster=True),
     Case("10 hellaswag.py tasks asking for GPUs a CPU cluster lacks",
          lambda t: ["evals/hellaswag.py", "--checkpoint", str(t / "run"), "--file", str(_examples(t)), "--tasks", "1",
-                    "--gpus-per-task", "1"], "--gpus-per-task 1", subprocess=True),
+                    "--gpus-per-task", "1"], "--gpus-per-task 1", cluster=True),
     Case("10 core.py tasks asking for GPUs a CPU cluster lacks",
          lambda t: ["evals/core.py", "--checkpoint", str(t / "run"), "--bundle", str(REPO / "evals" / "data" /
                                                                                      "core_smoke"),
-                    "--tasks", "1", "--gpus-per-task", "1"], "--gpus-per-task 1", subprocess=True),
+                    "--tasks", "1", "--gpus-per-task", "1"], "--gpus-per-task 1", cluster=True),
     Case("11 run.py -h 1, an example longer than the block size",
          lambda t: ["training/run.py", *_engine(t, "-y", "1", "-h", "1", "--hellaswag-file", str(_examples(t, True)))],
          "example 1"),
@@ -202,7 +203,9 @@ def _tree(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_a_refused_command_changes_nothing(case, earlier, tmp_path):
+def test_a_refused_command_changes_nothing(case, earlier, tmp_path, request):
+    if case.cluster:
+        request.getfixturevalue("ray_cluster")
     shutil.copytree(earlier, tmp_path, dirs_exist_ok=True, symlinks=True)
     argv = case.setup(tmp_path)
     before = _tree(tmp_path)

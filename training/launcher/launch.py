@@ -9,6 +9,7 @@ import os
 import sys
 import time
 
+from common.cluster import cannot_grow
 from evals.core_data import Task, locate_bundle, read_bundle
 from evals.hellaswag_data import Example, check_fits, load_examples
 from gpt2.checkpoint import read_state
@@ -112,7 +113,7 @@ def launch_run(config: TrainConfig, launch: LaunchConfig, callbacks: list | None
     config, run_dir = plan(config, launch)
     use_gpu, cpus = _resources(launch, ray.cluster_resources())
     smallest, largest = launch.group_sizes()
-    fixed_size = launch.address is None and "RAY_ADDRESS" not in os.environ
+    fixed_size = cannot_grow(launch.address)
     _check_capacity(smallest, "--workers" if smallest == largest else "--min-workers", use_gpu, cpus, fixed_size)
     if note := uneven_split_note(config, smallest, largest):
         print(note, flush=True)
