@@ -10,7 +10,7 @@ install:
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -e '.[test]'
 
-# System packages the tests need: Debian's prometheus (tests/test_monitoring.py scrapes a run with a real one).
+# System packages the tests need: Debian's prometheus (tests/test_head_node.py scrapes a run with a real one).
 # Nothing to do once it is on PATH; apt's chatter is shown only if the install fails. A fresh container has no
 # package lists yet, hence the `apt-get update` on the second try.
 system-deps:

@@ -10,8 +10,10 @@ from demo import main
 def test_demo_runs_the_whole_pipeline_into_one_output_dir(tmp_path, capfd):
     out = tmp_path / "demo"
     assert main(["--out", str(out), "--steps", "12", "--model", "L2H2C64", "--every", "6"]) == 0
-    assert (out / "shards" / "manifest.json").exists()
-    assert (out / "shards" / "python_docs_val_000000.bin").exists() and list((out / "shards").glob("*_train_*.bin"))
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    assert manifest["shards"][0]["name"] == "python_docs_val_000000.bin" and len(manifest["shards"]) >= 4
+    assert all((out / "shards" / shard["name"]).exists() for shard in manifest["shards"])
+    assert manifest["total_tokens"] > 300_000 and set(manifest["timings_s"]) >= {"startup_s", "tokenize_s", "finish_s"}
     train = out / "train"
     log = (train / "main.log").read_text()
     val = [float(v) for v in re.findall(r"^s:\d+ tel:(\S+)$", log, re.M)]
@@ -21,4 +23,7 @@ def test_demo_runs_the_whole_pipeline_into_one_output_dir(tmp_path, capfd):
     assert summary["steps"] == 12 and summary["hellaswag"]["step"] == 12 and summary["tokens_seen"] == 12 * 8 * 64 * 2
     assert (train / "main.png").stat().st_size > 0
     printed = capfd.readouterr().out
+    shards = len(manifest["shards"])  # tokenize.py's own summary
+    assert f"wrote {shards} shards (1 val + {shards - 1} train), {manifest['total_tokens']:,} tokens" in printed
+    assert "\nstart-up " in printed
     assert "--- sample 0" in printed and f"val loss    : {val[0]:.4f} at step 0 -> {val[-1]:.4f} at step 12" in printed

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from gpt2.checkpoint import (
@@ -115,6 +114,9 @@ def make_optimizer(model: GPT, config: TrainConfig, device: torch.device,
     options = {"lr": config.learning_rate, "betas": (0.9, 0.95), "eps": 1e-8,
                "fused": device.type in ("cuda", "cpu")}
     if sharded:
+        # imported here: torch.distributed.optim pulls in FSDP and DTensor, ~1 s of every worker's start-up
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
         return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **options)
     return torch.optim.AdamW(groups, **options)
 

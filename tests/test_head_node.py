@@ -1,13 +1,15 @@
-"""Monitoring on a real `ray start --head`: `python -m training.monitor install` with Debian's Prometheus
-scraping a run.py run's gauges, every query of the Grafana dashboard against it, the Train state API, and
-the run's driver log.
+"""A user's cluster, used as the README says: a real `ray start --head` with its dashboard, `python -m
+training.monitor install` (Debian's Prometheus, no Grafana), `ray job submit -- python pipelines/tokenize.py`, then
+`ray job submit -- python training/run.py` on the shards it wrote, HellaSwag and CORE beside the training.
 
-One 2-worker run (-h 1) serves the tests. The head exports metrics every 5 s instead of Ray's 10 s
-(`metrics_report_interval_ms`; Ray's agent keeps a gauge for two such intervals, so much shorter ones drop
-series on a loaded machine) and Prometheus scrapes every 1 s, so a series missing from one export shows.
+One head, one tokenize job and one 2-worker training run serve every test here: a head and a Ray Train fit are
+the expensive parts. The head exports metrics every 5 s instead of Ray's 10 s (`metrics_report_interval_ms`;
+Ray's agent keeps a gauge for two such intervals, so much shorter ones drop series on a loaded machine) and
+Prometheus scrapes every 1 s, so a series missing from one export shows.
 """
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -22,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import make_shards
+from tests.helpers import make_documents
 from training.launcher.local_cluster import RAY, free_ports, ray_head
 from training.ops.gauges import SERIES
 from training.ops.monitor import (
@@ -93,21 +95,51 @@ def probe(head, prometheus):
     driver.wait(timeout=30)
 
 
+def get(url: str) -> dict:
+    """A dashboard API answer, with the auth token the head was started with (RAY_AUTH_MODE=token)."""
+    token = os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").read_text().strip()
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def submit(head, submission_id: str, *command: str) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir . -- python COMMAND...` as a user types it; waits for the job to end."""
+    return subprocess.run([*RAY, "job", "submit", "--address", head.dashboard_url, "--submission-id", submission_id,
+                           "--working-dir", ".", "--", "python", *command],
+                          cwd=REPO, env=head.env, capture_output=True, text=True, timeout=600)
+
+
 @pytest.fixture(scope="module")
-def run(head, prometheus, probe, tmp_path_factory):
-    """run.py against the head as a user runs it (`--address`); its output is the driver log."""
-    data = make_shards(tmp_path_factory.mktemp("shards"), tokens_per_shard=20_000)
+def shards(head, tmp_path_factory) -> dict:
+    """The tokenize job: 300 documents in units of ~5 kB, shards of 3,000 tokens."""
+    root = tmp_path_factory.mktemp("tokenize")
+    docs = [d for d in make_documents(300, seed=2) if d["text"].strip()]
+    (root / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    job = submit(head, "tokenize-1", "pipelines/tokenize.py", "--input", str(root / "docs.jsonl"),
+                 "-o", str(root / "shards"), "--shard-size", "3000", "--unit-bytes", "5000")
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    return {"dir": root / "shards", "manifest": json.loads((root / "shards" / "manifest.json").read_text())}
+
+
+@pytest.fixture(scope="module")
+def run(head, prometheus, probe, shards, tmp_path_factory) -> dict:
+    """run.py submitted as a job on the tokenize job's shards; its driver log is the job's log."""
+    out = tmp_path_factory.mktemp("runs") / RUN_NAME
     started = time.time()
-    driver = subprocess.run(
-        [sys.executable, "training/run.py", "--address", head.gcs_address, "--workers", "2", "--cpus-per-worker",
-         "1", "-i", str(data / "*_train_*.bin"), "-j", str(data / "*_val_*.bin"),
-         "-o", str(tmp_path_factory.mktemp("runs") / RUN_NAME), "-e", "L2H2C64", "-b", "2", "-t", "32",
-         "-x", str(STEPS), "-v", str(EVERY), "-m", "2", "-s", str(EVERY), "-g", "8", "-h", "1",
-         "--hellaswag-file", str(SMOKE), "--core-every", str(EVERY), "--core-bundle", str(CORE_SMOKE),
-         "--gpu-hour-usd", "1.0"],
-        cwd=REPO, env=head.env, capture_output=True, text=True, timeout=600)
-    assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:]
-    return {"log": driver.stdout + driver.stderr, "started": started}
+    job = submit(head, "train-1", "training/run.py", "--workers", "2", "--cpus-per-worker", "1",
+                 "-i", str(shards["dir"] / "*_train_*.bin"), "-j", str(shards["dir"] / "*_val_*.bin"), "-o", str(out),
+                 "-e", "L2H2C64", "-b", "2", "-t", "32", "-x", str(STEPS), "-v", str(EVERY), "-n", str(EVERY),
+                 "-m", "2", "-s", str(EVERY), "-g", "8", "-h", "1", "--hellaswag-file", str(SMOKE),
+                 "--core-every", str(EVERY), "--core-bundle", str(CORE_SMOKE), "--gpu-hour-usd", "1.0")
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    # What the cluster says of the job afterwards, as `ray job status` and `ray job logs` show it to a user.
+    status = subprocess.run([*RAY, "job", "status", "--address", head.dashboard_url, "train-1"], env=head.env,
+                            capture_output=True, text=True, timeout=60)
+    logs = subprocess.run([*RAY, "job", "logs", "--address", head.dashboard_url, "train-1"], env=head.env,
+                          capture_output=True, text=True, timeout=60)
+    return {"out": out, "submitted": job.stdout, "status": status.stdout + status.stderr, "log": logs.stdout,
+            "started": started}
 
 
 def query(prometheus: str, promql: str, at: float) -> list[dict]:
@@ -159,6 +191,42 @@ def test_install_provisions_the_dashboard_and_rows_on_the_metrics_tab(head, prom
                             "--no-prometheus", "--no-grafana"], cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert json.loads(core_file.read_text()) == core
+
+
+def test_the_tokenize_job_is_listed_on_the_dashboard(head, shards):
+    """The job's Ray Data pipeline on the dashboard's data API (what its Jobs page shows): named operators, rows,
+    state FINISHED."""
+    job_id = get(f"{head.dashboard_url}/api/jobs/tokenize-1")["job_id"]
+    datasets = get(f"{head.dashboard_url}/api/data/datasets/{job_id}")["datasets"]
+    assert len(datasets) == 1, datasets
+    (dataset,) = datasets
+    assert dataset["state"] == "FINISHED"
+    operators = {op["name"]: op for op in dataset["operators"]}
+    # read and Filter are fused into one operator (Ray tasks); Tokenize and WriteShards are actor pools
+    assert [name for name in operators if name != "Input"] == \
+        ["ReadJSON->MapBatches(Filter)", "MapBatches(Tokenize)", "MapBatches(WriteShards)"], list(operators)
+    assert all(op["state"] == "FINISHED" for op in operators.values()), operators
+    manifest = shards["manifest"]
+    units = manifest["units"]
+    assert units > 1
+    # a block per work unit all the way: the unit's filtered documents, then its counters (a row each)
+    assert operators["ReadJSON->MapBatches(Filter)"]["total_rows"] >= manifest["docs"]["kept"]
+    assert operators["MapBatches(Tokenize)"]["total_rows"] == units
+    assert operators["MapBatches(WriteShards)"]["total_rows"] == units
+    assert dataset["progress"] == dataset["total"] == units
+
+
+def test_ray_job_submit_runs_the_launcher_and_its_log_is_the_engine_console(run):
+    assert "Job 'train-1' succeeded" in run["submitted"], run["submitted"][-3000:]
+    assert "Job 'train-1' succeeded" in run["status"], run["status"]
+    # one line per step with that step's loss from main.log, forwarded from rank 0
+    losses = {int(s): float(v) for s, v in re.findall(r"^s:(\d+) trl:(\S+)", (run["out"] / "main.log").read_text(),
+                                                      re.M)}
+    printed = {int(s) - 1: float(v) for s, v in re.findall(rf"step +(\d+)/{STEPS} \| loss (\S+)", run["log"])}
+    assert sorted(losses) == list(range(STEPS)) and printed == pytest.approx(losses, abs=1e-6), (printed, losses)
+    assert sorted(p.name for p in run["out"].glob("ckpt_*")) == [f"ckpt_{EVERY:08d}", f"ckpt_{STEPS:08d}"]
+    summary = json.loads((run["out"] / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["workers"] == 2
 
 
 def test_every_series_is_in_every_scrape_while_the_run_is_alive(head, prometheus, run):
@@ -214,11 +282,7 @@ def test_every_dashboard_query_returns_data(prometheus, run):
 
 
 def test_train_state_api_shows_the_run(head, run):
-    token = subprocess.run([*RAY, "get-auth-token"], env=head.env, capture_output=True, text=True).stdout.strip()
-    request = urllib.request.Request(f"{head.dashboard_url}/api/train/v2/runs/v1",
-                                     headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        runs = [r for r in json.load(response)["train_runs"] if r["name"] == RUN_NAME]
+    runs = [r for r in get(f"{head.dashboard_url}/api/train/v2/runs/v1")["train_runs"] if r["name"] == RUN_NAME]
     assert len(runs) == 1 and runs[0]["status"] == "FINISHED", runs
     assert sorted(w["world_rank"] for w in runs[0]["attempts"][-1]["workers"]) == [0, 1]
 
