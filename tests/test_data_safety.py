@@ -18,6 +18,8 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,20 +308,26 @@ def test_staging_is_private_and_unique():
         second.rmdir()
 
 
-def test_a_url_run_never_resumes_from_a_checkpoint_planted_in_the_old_staging_path(earlier, tmp_path):
-    """9: run.py -o file://EMPTY/r15 -y 1 resumed from $TMPDIR/raygpt2/r15/ckpt_00000015, planted there."""
-    tmp = tmp_path / "tmp"
-    planted = tmp / "raygpt2" / "r15" / checkpoint_name(15)
+def test_a_url_run_never_resumes_from_a_checkpoint_planted_in_the_old_staging_path(ray_cluster, earlier, tmp_path):
+    """9: run.py -o file://EMPTY/r15 -y 1 resumed from $TMPDIR/raygpt2/r15/ckpt_00000015, planted there. The
+    session cluster's workers have this process's temp directory; the run's name is unique to this test."""
+    tmp = Path(tempfile.gettempdir())
+    name = f"r15-{uuid.uuid4().hex[:12]}"
+    planted = tmp / "raygpt2" / name / checkpoint_name(15)
     shutil.copytree(_checkpoint(earlier), planted)
-    before = _tree(tmp / "raygpt2")
-    out = tmp_path / "empty" / "r15"
-    done = run_subprocess("training/run.py", [*_engine(earlier, "-y", "1", "-x", "2", "--workers", "1",
-                                                       out=f"file://{out}")], TMPDIR=str(tmp), RAY_TMPDIR="/tmp")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resumed from" not in done.stdout
-    assert read_state(out / checkpoint_name(2))["step"] == 2 and (out / "main.log").read_text().startswith("s:0 ")
-    assert _tree(tmp / "raygpt2") == before  # the planted directory untouched
-    assert list(tmp.glob(f"{STAGING_PREFIX}*")) == []  # and this run's staging removed
+    staging_before = set(tmp.glob(f"{STAGING_PREFIX}*"))
+    try:
+        before = _tree(planted.parent)
+        out = tmp_path / "empty" / name
+        done = run_cli("training/run.py", [*_engine(earlier, "-y", "1", "-x", "2", "--workers", "1",
+                                                    out=f"file://{out}")])
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "resumed from" not in done.stdout
+        assert read_state(out / checkpoint_name(2))["step"] == 2 and (out / "main.log").read_text().startswith("s:0 ")
+        assert _tree(planted.parent) == before  # the planted directory untouched
+        assert set(tmp.glob(f"{STAGING_PREFIX}*")) <= staging_before  # and this run's staging removed
+    finally:
+        shutil.rmtree(planted.parent)
 
 
 # ---- 12: an empty XDG_CACHE_HOME means unset -------------------------------------------------------------------
