@@ -28,3 +28,22 @@ def ray_cluster():
     ray.init("local", num_cpus=4, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def run_shards(tmp_path_factory) -> Path:
+    """The launcher tests' shards (tests/helpers.py: run_flags)."""
+    from tests.helpers import make_shards
+
+    return make_shards(tmp_path_factory.mktemp("run_shards"), tokens_per_shard=20_000)
+
+
+@pytest.fixture(scope="session")
+def reference_run(ray_cluster, run_shards, tmp_path_factory) -> Path:
+    """An uninterrupted run of RUN_FLAGS on a fixed group of 2 workers, the baseline of the launcher tests' runs."""
+    from tests.helpers import run_flags
+    from training.launcher.launch import main
+
+    out = tmp_path_factory.mktemp("runs") / "reference"
+    assert main([*run_flags(run_shards, out), "--workers", "2"]) == 0
+    return out

@@ -48,6 +48,19 @@ def make_shards(directory: Path, tokens_per_shard: int = 4000, shards: int = 3, 
     return directory
 
 
+# The launcher tests' runs (test_run, test_elastic), compared with one uninterrupted run (conftest's
+# `reference_run`): 2 CPU workers, -d 256 = 4 micro-batches of -b 2 x -t 32 (2 micro-steps each on 2 workers,
+# 2/1/1 on 3), ZeRO-1, val every 10 steps and a checkpoint every 5, 20 steps.
+RUN_STEPS, RUN_EVERY = 20, 5
+RUN_FLAGS = ["--cpus-per-worker", "1", "-e", "L2H2C64", "-b", "2", "-t", "32", "-d", "256", "-v", "10", "-m", "2",
+             "-s", "0", "-n", str(RUN_EVERY), "-l", "1e-3", "-z", "1", "-x", str(RUN_STEPS)]
+
+
+def run_flags(data: Path, out: Path | str, *extra: str) -> list[str]:
+    """run.py's flags for a run of `data` (make_shards) into `out`; `extra` flags win over RUN_FLAGS."""
+    return ["-i", str(data / "*_train_*.bin"), "-j", str(data / "*_val_*.bin"), "-o", str(out), *RUN_FLAGS, *extra]
+
+
 def tiny_config(data: Path, out: Path | None, **overrides) -> TrainConfig:
     fields = {"train_data": str(data / "*_train_*.bin"), "val_data": str(data / "*_val_*.bin"),
               "output_dir": str(out) if out else None, "model": "L2H2C64", "micro_batch": 2, "seq_len": 16,

@@ -26,7 +26,7 @@ import torch
 
 from gpt2.checkpoint import load_part, read_state
 from gpt2.mainlog import read
-from tests.helpers import REPO, ReportGate, make_shards, wait_for
+from tests.helpers import REPO, RUN_EVERY, RUN_STEPS, ReportGate, make_shards, run_flags, wait_for
 from training.config import ConfigError, TrainConfig
 from training.data import ShardLoader
 from training.launcher.elastic import check_group_sizes, uneven_split_note
@@ -35,14 +35,7 @@ from training.launcher.launch import main
 from training.launcher.local_cluster import alive_nodes, kill_tree, ray_head, ray_node
 from training.launcher.progress import Progress
 
-STEPS, EVERY = 20, 5
-# -d 256 = 4 micro-batches of -b 2 x -t 32: 4 micro-steps on one worker, 2 each on two, 2/1/1 on three.
-FLAGS = ["--cpus-per-worker", "1", "-e", "L2H2C64", "-b", "2", "-t", "32", "-d", "256", "-v", "0", "-m", "2",
-         "-s", "0", "-n", str(EVERY), "-l", "1e-3", "-z", "1"]
-
-
-def flags(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["-i", str(data / "*_train_*.bin"), "-j", str(data / "*_val_*.bin"), "-o", str(out), *FLAGS, *extra]
+STEPS, EVERY = RUN_STEPS, RUN_EVERY  # -d 256: 4 micro-steps on one worker, 2 each on two, 2/1/1 on three
 
 
 def assert_same_training(run: Path, reference: Path, step: int) -> None:
@@ -60,19 +53,6 @@ def assert_same_training(run: Path, reference: Path, step: int) -> None:
 def assert_same_losses(run: Path, reference: Path) -> None:
     ours, theirs = dict(read(run / "main.log")["trl"]), dict(read(reference / "main.log")["trl"])
     assert ours and all(ours[s] == pytest.approx(theirs[s], rel=1e-5) for s in ours), (ours, theirs)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory.mktemp("shards"), tokens_per_shard=20_000)
-
-
-@pytest.fixture(scope="module")
-def reference(ray_cluster, data, tmp_path_factory) -> Path:
-    """An uninterrupted run on a fixed group of 2 workers."""
-    out = tmp_path_factory.mktemp("runs") / "two_workers"
-    assert main([*flags(data, out), "--workers", "2", "-x", str(STEPS)]) == 0
-    return out
 
 
 def _step_batches(pattern: str, world: int, batch: int, micro_batches: int, steps: int,
@@ -133,18 +113,19 @@ def test_cost_counts_the_worker_hours_of_each_group_size():
     assert progress.summary(10, 1024, "cpu")["worker_hours"] == pytest.approx(20, rel=1e-3)
 
 
-def test_a_two_worker_checkpoint_resumes_on_three_workers_splitting_steps_unevenly(reference, data, tmp_path):
+def test_a_two_worker_checkpoint_resumes_on_three_workers_splitting_steps_unevenly(reference_run, run_shards,
+                                                                                   tmp_path):
     """-d is 4 micro-batches: 2/1/1 on 3 workers, ZeRO-1 state re-sharded over 3. (Resuming on 1 worker: the
     reclaimed-node test below.)"""
     out = tmp_path / "three_workers"
     resume_at, until = 2 * EVERY, 4 * EVERY
-    assert main([*flags(data, out), "--workers", "3", "-x", str(until),
-                 "--resume-from", str(reference / f"ckpt_{resume_at:08d}")]) == 0
-    assert_same_training(out, reference, until)
+    assert main([*run_flags(run_shards, out), "--workers", "3", "-x", str(until),
+                 "--resume-from", str(reference_run / f"ckpt_{resume_at:08d}")]) == 0
+    assert_same_training(out, reference_run, until)
     log = (out / "main.log").read_text().splitlines()
     assert log[0] == f"s:{resume_at} workers:3"  # the resize, recorded where the run resumed
     assert [int(line.split()[0][2:]) for line in log if " trl:" in line] == list(range(resume_at, until))
-    assert_same_losses(out, reference)
+    assert_same_losses(out, reference_run)
 
 
 class SpotMetadata(BaseHTTPRequestHandler):
@@ -303,11 +284,11 @@ def run_while_reclaiming(head, out: Path, run_flags: list[str], steps: int, tmp_
     return run
 
 
-def test_a_reclaimed_node_leaves_the_run_on_one_worker_with_the_same_result(reference, data, two_node_head,
-                                                                            tmp_path):
+def test_a_reclaimed_node_leaves_the_run_on_one_worker_with_the_same_result(reference_run, run_shards,
+                                                                            two_node_head, tmp_path):
     """Reclaimed without notice once Ray registered a -n checkpoint: the run finishes on one worker."""
     out = tmp_path / "elastic"
-    run = run_while_reclaiming(two_node_head, out, [*flags(data, out), "-x", str(STEPS)], STEPS, tmp_path)
+    run = run_while_reclaiming(two_node_head, out, run_flags(run_shards, out), STEPS, tmp_path)
     resize = re.search(r"resize: 2 -> 1 workers at step (\d+) \(rank \d failed: (.*)\); (\d+) step\(s\)", run.stdout)
     assert resize, run.stdout[-3000:]
     resumed_at = int(resize[1])
@@ -317,20 +298,20 @@ def test_a_reclaimed_node_leaves_the_run_on_one_worker_with_the_same_result(refe
     assert f"s:{resumed_at} workers:1" in log
     summary = json.loads((out / "summary.json").read_text())
     assert summary["workers"] == 1 and summary["worker_hours"] < 2 * summary["elapsed_s"] / 3600  # part on 1
-    assert_same_training(out, reference, STEPS)
-    assert_same_losses(out, reference)
+    assert_same_training(out, reference_run, STEPS)
+    assert_same_losses(out, reference_run)
 
 
-def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_there(reference, data, two_node_head,
-                                                                                 tmp_path):
+def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_there(reference_run, run_shards,
+                                                                                 two_node_head, tmp_path):
     """As the reclaim above, but EC2's spot notice first reaches the second node, whose spot watcher drains
     it for preemption with a deadline, and the node is SIGKILLed once the run has reacted. No -n
     checkpoints: without the just-in-time one the restart would begin again at step 0."""
     # The run is let go once Ray Train's preemption watcher has told its workers; a report (and with it a look
-    # at the notice) at every step. Later flags win over FLAGS; neither changes the numbers.
-    paced = ["-n", "0", "-x", str(STEPS), "--report-interval", "0"]
+    # at the notice) at every step. Later flags win over RUN_FLAGS; neither changes the numbers.
+    paced = ["-n", "0", "--report-interval", "0"]
     out = tmp_path / "preempted"
-    run = run_while_reclaiming(two_node_head, out, [*flags(data, out), *paced], STEPS, tmp_path, notice=True)
+    run = run_while_reclaiming(two_node_head, out, run_flags(run_shards, out, *paced), STEPS, tmp_path, notice=True)
     notice = re.search(r"preemption notice: rank\(s\) \d on a node being drained, reclaimed in \d+ s; "
                        r"checkpointing at step (\d+)", run.stdout)
     resize = re.search(r"resize: 2 -> 1 workers at step (\d+)", run.stdout)
@@ -339,5 +320,5 @@ def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_there(
     assert run.checkpoint == f"ckpt_{int(notice[1]):08d}"
     log = (out / "main.log").read_text().splitlines()
     assert [int(line.split()[0][2:]) for line in log if " trl:" in line] == list(range(STEPS))
-    assert_same_training(out, reference, STEPS)
-    assert_same_losses(out, reference)
+    assert_same_training(out, reference_run, STEPS)
+    assert_same_losses(out, reference_run)
