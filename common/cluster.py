@@ -71,7 +71,8 @@ def connect(address: str | None = None) -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         # Ray ends an idle worker process above its soft limit (the CPU count) after 1 s. The tokenize job's
         # actors hold those slots, so nearly every read task started a fresh process (~0.8 CPU-s of imports;
-        # 13 of them for 42 units). Kept a minute, they are reused: +14% tok/s on 2 CPUs (docs/benchmarks.md).
+        # 13 of them on the 150M-token bench input). Kept a minute, they are reused: +14% tok/s on 2 CPUs
+        # (docs/benchmarks.md).
         ray.init("local", log_to_driver=True, _system_config={"idle_worker_killing_time_threshold_ms": 60_000})
         return
     check_address(address)
