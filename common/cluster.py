@@ -69,10 +69,9 @@ def connect(address: str | None = None) -> None:
         return
     if starts_local_cluster(address):
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-        # Ray ends an idle worker process above its soft limit (the CPU count) after 1 s. The tokenize job's
-        # actors hold those slots, so nearly every read task started a fresh process (~0.8 CPU-s of imports;
-        # 13 of them on the 150M-token bench input). Kept a minute, they are reused: +14% tok/s on 2 CPUs
-        # (docs/benchmarks.md).
+        # Ray ends an idle worker process above its soft limit (the CPU count) after 1 s. Actors (the tokenize
+        # job's, the training workers) hold those slots, so nearly every task beside them (shard assembly, an
+        # eval) would start a fresh process, ~0.8 CPU-s of imports each. Kept a minute, they are reused.
         ray.init("local", log_to_driver=True, _system_config={"idle_worker_killing_time_threshold_ms": 60_000})
         return
     check_address(address)

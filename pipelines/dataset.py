@@ -15,15 +15,16 @@ they are the bytes tokenize.py writes for an input holding the same documents.
 
 The tokenize job (pipelines.job) runs its units through these stages, as the dashboard names them:
 
-    Read{Parquet,JSON}->MapBatches(Filter) -> MapBatches(Tokenize) -> MapBatches(WriteShards)
+    Read{Parquet,JSON}->MapBatches(Filter)->MapBatches(Tokenize) -> MapBatches(WriteShards)
 
 * Read: a custom Datasource with one read task per work unit (pipelines.plan: similar text bytes, whatever the
   files' row groups); each yields its unit as one block, a `unit` column naming it.
-* Filter: the built-in filters (pipelines.filters), on Ray tasks fused with the read. Kept documents go on; the
-  dropped ones go on as one tally row per reason (`docs` documents dropped for `reason`), so that the counts
-  per reason reach the unit's counters and a unit never vanishes, even with nothing kept or nothing read.
+* Filter: the built-in filters (pipelines.filters). Kept documents go on; the dropped ones go on as one tally
+  row per reason (`docs` documents dropped for `reason`), so that the counts per reason reach the unit's
+  counters and a unit never vanishes, even with nothing kept or nothing read.
 * Tokenize: an actor pool, one GPT-2 encoder per actor (pipelines.encode); each actor writes its units' tokens
-  into -o itself and passes on only the unit's counters, one row.
+  into -o itself and passes on only the unit's counters, one row. Read and Filter ask for the same resources,
+  so Ray Data fuses the three: each actor reads, filters and encodes its units.
 * WriteShards: one actor holding the ShardAssembler (pipelines.assemble), which launches the Ray tasks that
   assemble shards as soon as the units they cover are done; its last call waits for every shard.
 

@@ -2,13 +2,13 @@
 
 The input is cut into work units of similar text bytes (pipelines.plan), recorded once in -o's state file.
 The units not yet done flow through a Ray Data Dataset (pipelines.dataset), a block per unit:
-Read{Parquet,JSON}->MapBatches(Filter) -> MapBatches(Tokenize) -> MapBatches(WriteShards). Each actor of the
-Tokenize stage encodes a unit and writes its tokens into -o itself (pipelines.encode), passing on a few
-counters; from the units' exact token counts the shards' global offsets follow, and WriteShards launches the
-Ray tasks that assemble the shards (pipelines.assemble) as soon as the units they cover are done. --dedup is a
-hash shuffle of Ray tasks before the shards (pipelines.dedup). No token passes through the driver, the bytes
-depend on the inputs and flags alone, and a killed job resumes at the unit and shard it reached
-(pipelines.workdir).
+Read{Parquet,JSON}->MapBatches(Filter)->MapBatches(Tokenize) -> MapBatches(WriteShards). Each actor of the
+Tokenize stage reads, filters and encodes a unit and writes its tokens into -o itself (pipelines.encode),
+passing on a few counters; from the units' exact token counts the shards' global offsets follow, and
+WriteShards launches the Ray tasks that assemble the shards (pipelines.assemble) as soon as the units they
+cover are done. --dedup is a hash shuffle of Ray tasks before the shards (pipelines.dedup). No token passes
+through the driver, the bytes depend on the inputs and flags alone, and a killed job resumes at the unit and
+shard it reached (pipelines.workdir).
 """
 
 from __future__ import annotations
@@ -39,9 +39,8 @@ from pipelines.workdir import (
     refuse_unknown_shards,
 )
 
-TOKENIZE_SHARE = 0.8  # of a CPU per Tokenize actor by default: the rest is for the light stages and tasks
-LIGHT_CPUS = 0.05  # what the read, Filter and WriteShards stages ask for: they are short next to the BPE
-LIGHT_MEMORY = 192 << 20  # a worker with pyarrow loaded; they also ask for 3x the largest unit's text
+TOKENIZE_SHARE = 0.8  # of a CPU per Tokenize actor by default: the rest is for WriteShards and the assembly
+LIGHT_CPUS = 0.05  # what WriteShards and the assembly tasks ask for: they are short next to the BPE
 NODE_RESOURCE_SHARE = 0.001  # what each actor and task asks of --node-resource: only where it runs matters
 
 
@@ -117,26 +116,26 @@ class Driver:
                 "workers": self.num_workers, "remote_args": self.remote_args}
 
     def dataset(self, todo: list[WorkUnit], columns: list[str]):
-        """Read{Parquet,JSON}->MapBatches(Filter) -> MapBatches(Tokenize) -> MapBatches(WriteShards), a block
-        per unit all the way (a read task per block requested, and a block size limit above any unit's)."""
+        """Read{Parquet,JSON}->MapBatches(Filter)->MapBatches(Tokenize) -> MapBatches(WriteShards), a block per
+        unit all the way (a read task per block requested, and a block size limit above any unit's)."""
         from ray.data import ActorPoolStrategy
 
         from pipelines.dataset import Filter, Tokenize, UnitSource, WriteShards
 
-        largest = max(unit.text_bytes for unit in todo)
-        light = {"num_cpus": LIGHT_CPUS, "memory": LIGHT_MEMORY + 3 * largest, **self.remote_args}
+        # Read and Filter ask for what a Tokenize actor asks, so Ray Data fuses them into the actor pool: each
+        # actor reads, filters and encodes its unit, as the BPE needs the CPU anyway. Separate read tasks took
+        # CPU from the BPE in processes of their own and sent every document through the object store.
+        tokenize = {"num_cpus": self.cpus, **self.remote_args}
+        actors = min(self.num_workers, len(todo))  # an actor without a unit would only start up
         source = UnitSource(self.inputs, columns, todo, self.config.batch_size)
-        # as many reads at once as Tokenize actors: more only start worker processes that take CPU from the BPE
-        ds = self.ray.data.read_datasource(source, override_num_blocks=len(todo), concurrency=self.num_workers,
-                                           **light) \
-            .map_batches(Filter(self.config.filters), batch_size=None, batch_format="pyarrow",
-                         concurrency=self.num_workers, **light) \
+        ds = self.ray.data.read_datasource(source, override_num_blocks=len(todo), **tokenize) \
+            .map_batches(Filter(self.config.filters), batch_size=None, batch_format="pyarrow", **tokenize) \
             .map_batches(Tokenize, fn_constructor_args=(self.out, self.config.filters.dedup), batch_size=None,
-                         batch_format="pyarrow", compute=ActorPoolStrategy(size=self.num_workers),
-                         num_cpus=self.cpus, **self.remote_args) \
+                         batch_format="pyarrow", compute=ActorPoolStrategy(size=actors), **tokenize) \
             .map_batches(WriteShards, fn_constructor_args=(self.assembler_args(),), batch_size=None,
-                         compute=ActorPoolStrategy(size=1), **light)
+                         compute=ActorPoolStrategy(size=1), num_cpus=LIGHT_CPUS, **self.remote_args)
         # a unit must stay one block (its Tokenize call writes its file): no size limit may split it
+        largest = max(unit.text_bytes for unit in todo)
         ds.context.target_max_block_size = max(ds.context.target_max_block_size or 0, 2 * largest)
         return ds
 
