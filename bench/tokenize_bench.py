@@ -12,7 +12,7 @@ FineWeb-sized documents (~1,000 tokens each), written as parquet. Printed:
 * the write path alone, fed pre-tokenized documents, no Ray, no BPE, one process: what each worker does per
   token (write its unit's tokens, then assemble shards from unit files), which runs in every worker at once,
   so its ceiling grows with the workers;
-* the Ray Data job end to end (ReadParquet->Filter -> Tokenize -> WriteShards, Ray cluster already up) at two
+* the Ray Data job end to end (ReadParquet->Filter->Tokenize -> WriteShards, Ray cluster already up) at two
   input sizes (4x apart), its fixed start-up and its steady state (the job's own timings), and the ratios
   against raw tiktoken x cores and against N raw processes at once (targets 0.84 end to end, 0.88 steady);
 * the peak RSS of the driver and of each kind of Ray worker at both sizes, and what the object store spilled.
@@ -165,8 +165,8 @@ def write_path(docs: list[np.ndarray], out_dir: Path) -> float:
 class PeakMemory:
     """Samples the resident memory of this process (the driver) and of each of its descendants — the Ray
     cluster it started, workers included, but no other Ray job on the machine — while the pipeline runs:
-    the driver's peak, and the peak of each worker process by its name (ray::MapWorker(MapBatches(Tokenize)),
-    ray::ReadParquet->MapBatches(Filter), ...)."""
+    the driver's peak, and the peak of each worker process by its name (ray::MapWorker(MapBatches(WriteShards)),
+    ray::assemble_shards, ...)."""
 
     def __init__(self):
         self.driver = 0
