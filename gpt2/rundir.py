@@ -19,7 +19,8 @@ back as the run's state: a resume reads the real -o.
 
 A new run (no -y 1) refuses a used directory unless --overwrite says to discard it; --overwrite deletes only
 after every check passed, and only the entries above, so a user's own files in -o survive it. A second live
-writer is refused by the lock; a lock whose process is gone from this host is stale and taken over.
+writer is refused by the lock (common.lock); a lock whose process is gone from this host is stale and taken
+over.
 """
 
 from __future__ import annotations
@@ -27,9 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from common.files import is_url
+from common.lock import DirectoryLock, held_by
 
 MAIN_LOG = "main.log"
 HELLASWAG_RECORDS = "hellaswag.jsonl"
@@ -45,7 +45,6 @@ SUMMARY = "summary.json"
 PLOT = "main.png"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 RAY_STORAGE_MARKER = ".validate_storage_marker"
-LOCK = ".raygpt2.lock"
 MODEL_PART, OPTIMIZER_PART, RNG_PART = "model.pt", "optimizer.pt", "rng.pt"
 CHECKPOINT_PARTS = (MODEL_PART, OPTIMIZER_PART, RNG_PART)
 CHECKPOINT_STATE = "state.json"
@@ -97,16 +96,6 @@ def make_staging() -> Path:
     return Path(tempfile.mkdtemp(prefix=STAGING_PREFIX))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 class RunDir:
     """One run directory, local or URL, as given to `flag`."""
 
@@ -116,7 +105,7 @@ class RunDir:
         self.location, self.flag = location.rstrip("/") or location, flag
         self.fs, self.root = fsspec.core.url_to_fs(self.location)
         self.local = not is_url(location)
-        self.locked = False
+        self.lock = DirectoryLock(self.fs, self.root)
 
     def path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
@@ -163,26 +152,12 @@ class RunDir:
         return {name: entry for name, entry in entries.items()
                 if name in PRODUCT_FILES or checkpoint_step(name) is not None or _CHECKPOINT_TEMP.match(name)}
 
-    def holder(self) -> dict[str, Any] | None:
-        """The lock's record when a live writer holds this directory; None when free (or the lock is stale)."""
-        try:
-            record = json.loads(self.fs.cat_file(self.path(LOCK)))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):  # a lock cut short by a crash while it was being written
-            return None
-        if not isinstance(record, dict):
-            return None
-        if record.get("host") == socket.gethostname() and not _pid_alive(int(record.get("pid", 0))):
-            return None
-        return record
-
     def check(self, resume: bool, overwrite: bool) -> None:
         """Everything that can refuse this run, before anything is written: a live writer, an earlier run
         (without -y 1 or --overwrite), and, for --overwrite, any entry it could not tell for the product's."""
-        if not self.locked and (holder := self.holder()):
-            raise self._fail(f"in use by a live run (pid {holder.get('pid')} on {holder.get('host')}, started "
-                             f"{holder.get('started')}); wait for it, or if it is dead delete {self.path(LOCK)}")
+        if not self.lock.held and (holder := self.lock.holder()):
+            raise self._fail(f"in use by a live run ({held_by(holder)}); wait for it, or if it is dead delete "
+                             f"{self.lock.path}")
         if CHECKPOINT_STATE in self._entries():
             raise self._fail("is a checkpoint directory; give the run directory that holds it (or a new one)")
         if resume:
@@ -197,35 +172,13 @@ class RunDir:
             if why := self._not_ours(name, entry):
                 raise self._fail(f"--overwrite: {why}; move it away first (nothing was deleted)")
 
-    def _write_lock(self) -> None:
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        with self.fs.open(self.path(LOCK), "xb") as f:  # exclusive: of two writers, one gets it
-            f.write(json.dumps(record).encode())
-
     def _lock(self) -> None:
         try:
             self.fs.makedirs(self.root, exist_ok=True)
-            try:
-                self._write_lock()
-            except FileExistsError:
-                if self.holder() is not None:  # won by a writer that started after our check
-                    raise self._fail("taken by another run that started at the same time") from None
-                print(f"note: {self.path(LOCK)}: stale lock of a process that no longer runs; taken over",
-                      flush=True)
-                self.fs.rm_file(self.path(LOCK))
-                self._write_lock()
+            if not self.lock.acquire():  # won by a writer that started after our check
+                raise self._fail("taken by another run that started at the same time")
         except OSError as err:
             raise self._fail(f"cannot be written ({type(err).__name__}: {err})") from err
-        self.locked = True
-
-    def release(self) -> None:
-        if self.locked:
-            self.locked = False
-            try:
-                self.fs.rm_file(self.path(LOCK))
-            except OSError:
-                pass  # a directory gone or turned read-only under the run: the next run finds a stale lock
 
     @contextmanager
     def claimed(self, resume: bool, overwrite: bool) -> Iterator[RunDir]:
@@ -239,7 +192,7 @@ class RunDir:
                 self._discard_earlier_run()
             yield self
         finally:
-            self.release()
+            self.lock.release()
 
     def _discard_earlier_run(self) -> None:
         for name, entry in self._product_entries().items():

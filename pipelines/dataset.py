@@ -53,7 +53,7 @@ from pipelines.plan import WorkUnit, layout_shards, plan_units, unit_bytes_for
 from pipelines.shards import MAX_SHARD_TOKENS, TOKEN_DTYPE, ShardFormatError
 from pipelines.sources import InputError, InputFiles, files_from_glob
 from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
-from pipelines.workdir import MANIFEST_FILE, PARTS_DIR, OutputDir, shard_pattern, unit_file
+from pipelines.workdir import MANIFEST_FILE, PARTS_DIR, OutputDir, claimed, shard_pattern, unit_file
 
 ASSEMBLE_SHARDS_PER_TASK = 4
 
@@ -260,9 +260,11 @@ def write_shards(ds: Dataset, output_dir: str, prefix: str = "shard", shard_size
         raise InputError(f"shard_size must be from 1 to {MAX_SHARD_TOKENS:,}, got {shard_size:,}")
     out = OutputDir(output_dir)
     out.check_directory()
-    if out.exists(MANIFEST_FILE) or out.glob(shard_pattern()):
-        raise InputError(f"{out}: already holds shards; write_shards() writes into a fresh directory")
-    ds.context.execution_options.preserve_order = True  # the shards hold the documents in the Dataset's order
-    sink = ShardSink(out, prefix, shard_size)
-    ds.write_datasink(sink)
+    out.makedirs()
+    with claimed(out):  # a directory holding no shards yet can still be another writer's, just started
+        if out.exists(MANIFEST_FILE) or out.glob(shard_pattern()):
+            raise InputError(f"{out}: already holds shards; write_shards() writes into a fresh directory")
+        ds.context.execution_options.preserve_order = True  # the shards hold the Dataset's order
+        sink = ShardSink(out, prefix, shard_size)
+        ds.write_datasink(sink)
     return sink.manifest

@@ -31,6 +31,7 @@ from pipelines.workdir import (
     PARTS_DIR,
     STATE_FILE,
     OutputDir,
+    claimed,
     discard_previous_run,
     finished_manifest,
     finished_work,
@@ -167,7 +168,7 @@ def _hostname() -> str:
 
 def tokenize(config: TokenizeConfig) -> dict:
     """Run the job; returns the manifest (also written to OUTPUT_DIR/manifest.json)."""
-    from common.cluster import check_address, connect
+    from common.cluster import check_address
 
     started = time.monotonic()
     try:
@@ -181,6 +182,15 @@ def tokenize(config: TokenizeConfig) -> dict:
     fingerprint = {"inputs": inputs.paths, "identities": inputs.identities, "shard_size": config.shard_size,
                    "prefix": config.prefix, "filters": config.filters.to_dict(), "tokenizer": identity["ranks_sha256"]}
     create_output_dir(out)
+    with claimed(out):
+        return _tokenize_into(out, config, inputs, identity, fingerprint, started)
+
+
+def _tokenize_into(out: OutputDir, config: TokenizeConfig, inputs: InputFiles, identity: dict, fingerprint: dict,
+                   started: float) -> dict:
+    """The job once -o is this job's alone (its lock held): resume, finish or start, and write the manifest."""
+    from common.cluster import connect
+
     if config.overwrite:
         discard_previous_run(out)
     refuse_unknown_shards(out)

@@ -20,13 +20,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import cached_property
 from typing import Any
 
 import fsspec
 
 from common.files import atomic_write, is_url, local_path, partial_pattern, write_json
+from common.lock import DirectoryLock, held_by
 from pipelines.plan import WorkUnit
 from pipelines.shards import ShardFormatError, read_header
 from pipelines.sources import InputError
@@ -144,6 +147,24 @@ class OutputDir:
 
 
 # ---- -o before a run: refuse, finish, resume or start ----------------------------------------------------------
+
+@contextmanager
+def claimed(out: OutputDir) -> Iterator[None]:
+    """-o for this job alone while it writes: a second job into the same -o (a command run twice, a job
+    submitted again) is refused while this one lives, before it could delete or rewrite anything."""
+    lock = DirectoryLock(out.fs, out._target(""))
+    try:
+        acquired = lock.acquire()
+    except OSError as err:
+        raise InputError(f"-o {out}: cannot be written ({err.strerror or err})") from err
+    if not acquired:
+        raise InputError(f"-o {out}: in use by a live job ({held_by(lock.holder())}); wait for it, or if it is "
+                         f"dead delete {lock.path}")
+    try:
+        yield
+    finally:
+        lock.release()
+
 
 def refuse_unknown_shards(out: OutputDir) -> None:
     """Shards with neither our manifest nor our state file beside them (llm.c's fineweb.py output, or a run

@@ -27,10 +27,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.lock import LOCK_NAME as LOCK
 from gpt2.checkpoint import CheckpointError, read_state
 from gpt2.model import GPT, GPTConfig
-from gpt2.rundir import LOCK, MODEL_PART, RAY_SNAPSHOT, STAGING_PREFIX, RunDir, checkpoint_name, make_staging
-from tests.helpers import REPO, make_shards, run_cli, run_subprocess, tiny_config
+from gpt2.rundir import MODEL_PART, RAY_SNAPSHOT, STAGING_PREFIX, RunDir, checkpoint_name, make_staging
+from tests.helpers import (
+    REPO,
+    make_documents,
+    make_shards,
+    run_cli,
+    run_subprocess,
+    tiny_config,
+    tokenize_files,
+    write_parquet_files,
+)
 from training.train import TrainHooks, train
 
 STEPS = 4  # the earlier run: checkpoints at 2 and 4 (-n 2), main.log
@@ -258,6 +268,41 @@ def test_a_lock_is_taken_once_and_released(tmp_path):
         with pytest.raises(ValueError, match="in use by a live run"):
             RunDir(str(tmp_path / "run")).check(resume=True, overwrite=False)
     assert not (tmp_path / "run" / LOCK).exists()
+
+
+HOLD_TOKENIZE_OUTPUT = """
+import sys
+from pipelines.workdir import OutputDir, claimed
+with claimed(OutputDir(sys.argv[1])):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_second_tokenize_job_into_a_live_jobs_output_is_refused(ray_cluster, tmp_path):
+    """tokenize.py twice into one -o (the same job submitted again while the first runs): the second is refused
+    while the first lives, even with --overwrite, and the first one's files stay; a dead one's lock is taken
+    over. Before, the second deleted the first one's partial writes, or with --overwrite its shards."""
+    pattern = write_parquet_files(tmp_path / "raw", make_documents(300, seed=3), files=1)
+    out = tmp_path / "shards"
+    tokenize_files(pattern, out)
+    before = _tree(out)
+    flags = ["--input", pattern, "-o", str(out), "--shard-size", "3000", "--unit-bytes", "5000"]
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_TOKENIZE_OUTPUT, str(out)], cwd=REPO, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for extra in ([], ["--overwrite"]):
+            refused = run_cli("pipelines/tokenize.py", [*flags, *extra])
+            assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+            assert f"-o {out}: in use by a live job (pid {holder.pid} on " in refused.stderr, refused.stderr
+            assert {name: what for name, what in _tree(out).items() if name != LOCK} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    again = run_cli("pipelines/tokenize.py", flags)
+    assert again.returncode == 0 and "stale lock" in again.stdout and "already complete" in again.stdout, again
+    assert _tree(out) == before
 
 
 # ---- --overwrite discards only the product's files -------------------------------------------------------------
