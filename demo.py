@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from common.cluster import lost_in_job_copy
 from gpt2 import mainlog
 from gpt2.rundir import HELLASWAG_RECORDS, MAIN_LOG, PLOT, SUMMARY
 
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="L4H4C128", help="model shape, -e of run.py (default: L4H4C128)")
     parser.add_argument("--every", type=int, help="val + checkpoint + HellaSwag every N steps (default: steps/4)")
     args = parser.parse_args(argv)
+    if why := lost_in_job_copy(args.out):
+        parser.error(f"--out {args.out}: {why}")
     try:
         run_demo(args.out.resolve(), args.steps, args.model, args.every or max(1, args.steps // 4))
     except StageFailed as err:

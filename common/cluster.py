@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -39,6 +40,23 @@ def starts_local_cluster(address: str | None) -> bool:
     import ray
 
     return cannot_grow(address) and not ray.is_initialized()
+
+
+def lost_in_job_copy(path: str | os.PathLike) -> str | None:
+    """Why output `path` would be lost, or None. In the driver of a job submitted with `ray job submit
+    --working-dir`, the current directory is Ray's copy of that directory, made for the job on the head: a
+    relative path lands there, where nobody looks, and Ray deletes the copy with everything in it once its
+    runtime-env cache (10 GB) needs the room."""
+    if os.path.isabs(path) or "://" in str(path):
+        return None
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # what Ray gives a job's driver
+    except ValueError:
+        return None
+    if not (job.get("runtime_env") or {}).get("working_dir"):
+        return None
+    return (f"a relative path in a job submitted with --working-dir lands in Ray's temporary copy of that "
+            f"directory ({os.getcwd()}), which Ray deletes; give an absolute path or a URL")
 
 
 def check_address(address: str | None = None) -> None:

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.cluster import lost_in_job_copy
 from common.files import is_url, local_path
 from pipelines.demo import files_from_demo
 from pipelines.filters import FilterConfig
@@ -40,11 +41,14 @@ class TokenizeConfig:
     def __post_init__(self) -> None:
         demo = self.source == "demo"
         fineweb = self.dataset == FINEWEB_EDU_REPO
-        if self.output_dir is None:
+        defaulted = self.output_dir is None
+        if defaulted:
             billions = self.name.removeprefix("sample-").removesuffix("T")
             self.output_dir = "data/python_docs" if demo else f"data/edu_fineweb{billions}" if fineweb \
                 else f"data/{self._dataset_name()}_{self.name}"
         self.output_dir = str(self.output_dir)
+        if why := lost_in_job_copy(self.output_dir):
+            raise InputError(f"-o {self.output_dir}{' (the default)' if defaulted else ''}: {why}")
         if demo and is_url(self.output_dir):
             raise InputError(f"-o {self.output_dir}: --source demo builds its corpus locally; give a local -o")
         if self.prefix is None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import cli
+from common.cluster import lost_in_job_copy
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 
@@ -68,6 +69,8 @@ class TrainConfig:
         for flag, value in not_negative.items():
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{flag} must be a finite number >= 0, got {value}")
+        if self.output_dir and (why := lost_in_job_copy(self.output_dir)):
+            raise ConfigError(f"-o {self.output_dir}: {why}")
         if self.output_dir and os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             raise ConfigError(f"-o {self.output_dir}: exists and is not a directory")
         if self.output_dir and self.resume_from and "://" not in self.output_dir and Path(
