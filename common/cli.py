@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import NoReturn
 
+from common.cluster import lost_in_job_copy
+
 
 class InputError(ValueError):
     """Unusable input; the message names the file or flag."""
@@ -26,7 +28,10 @@ def output_problem(flag: str, path: str | os.PathLike, overwrite: bool, director
                    reads: tuple[str | os.PathLike, ...] = ()) -> str | None:
     """Why `path` (a file, or a `directory` to write into) may not take a command's output, or None: the user did
     not name an existing one as replaceable (--overwrite), it is inside what the command reads (a checkpoint being
-    exported or plotted), or it cannot be made there. Checked before anything is written."""
+    exported or plotted), it would be lost in a Ray job's copy of its working dir, or it cannot be made there.
+    Checked before anything is written."""
+    if why := lost_in_job_copy(path):
+        return f"{flag} {path}: {why}"
     target = Path(path).resolve()
     for source in map(Path, reads):
         source = source.resolve()

@@ -215,15 +215,17 @@ def test_the_tokenize_job_is_listed_on_the_dashboard(head, shards):
     assert dataset["progress"] == dataset["total"] == units
 
 
-def test_a_relative_output_path_in_a_submitted_job_is_refused(head, shards):
+def test_a_relative_output_path_in_a_submitted_job_is_refused(head, shards, run):
     """A job's driver runs in Ray's copy of --working-dir, which Ray deletes with what it holds: a relative -o
-    (llm.c's `-o log124M`, tokenize.py's default) would leave the shards or the run there. One line each, and
-    nothing is written into the copy."""
+    (llm.c's `-o log124M`, tokenize.py's default) would leave the shards or the run there, and a relative
+    export the model file. One line each, and nothing is written into the copy."""
     docs = shards["dir"].parent / "docs.jsonl"
     cases = {"relative-tokenize": ("tokenize.py: error: -o data/edu_fineweb10B (the default): ",
                                    ["pipelines/tokenize.py", "--input", str(docs)]),
              "relative-train": ("run.py: error: -o log124M: ",
-                                ["training/run.py", "-i", str(shards["dir"] / "*_train_*.bin"), "-o", "log124M"])}
+                                ["training/run.py", "-i", str(shards["dir"] / "*_train_*.bin"), "-o", "log124M"]),
+             "relative-export": ("export.py: error: --llmc model.bin: ",
+                                 ["training/export.py", str(run["out"]), "--llmc", "model.bin"])}
     for submission_id, (error, command) in cases.items():
         job = submit(head, submission_id, *command)
         # `ray job submit` shows the job's log, then the same lines again in its status message
@@ -231,9 +233,9 @@ def test_a_relative_output_path_in_a_submitted_job_is_refused(head, shards):
         assert job.returncode != 0 and len(errors) == 1, job.stdout[-3000:] + job.stderr[-3000:]
         (line,) = errors
         copy = re.search(r"lands in Ray's temporary copy of that directory \((.+?)\), which Ray deletes; give an "
-                         r"absolute path or a URL$", line)
+                         r"absolute path or a URL", line)
         assert line.startswith(error) and copy and "runtime_resources" in copy[1], line
-        assert not (Path(copy[1]) / "data").exists() and not (Path(copy[1]) / "log124M").exists()
+        assert not any((Path(copy[1]) / name).exists() for name in ("data", "log124M", "model.bin"))
 
 
 def test_ray_job_submit_runs_the_launcher_and_its_log_is_the_engine_console(run):
