@@ -4,12 +4,15 @@ real CLI in its own process on its own local Ray cluster."""
 import json
 import re
 
-from demo import main
+import pytest
+
+from demo import main, out_problem
 
 
 def test_demo_runs_the_whole_pipeline_into_one_output_dir(tmp_path, capfd):
     out = tmp_path / "demo"
     assert main(["--out", str(out), "--steps", "12", "--model", "L2H2C64", "--every", "6"]) == 0
+    assert out_problem(out) is None  # marked as the demo's own: a rerun may replace its training run
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
     assert manifest["shards"][0]["name"] == "python_docs_val_000000.bin" and len(manifest["shards"]) >= 4
     assert all((out / "shards" / shard["name"]).exists() for shard in manifest["shards"])
@@ -27,3 +30,18 @@ def test_demo_runs_the_whole_pipeline_into_one_output_dir(tmp_path, capfd):
     assert f"wrote {shards} shards (1 val + {shards - 1} train), {manifest['total_tokens']:,} tokens" in printed
     assert "\nstart-up " in printed
     assert "--- sample 0" in printed and f"val loss    : {val[0]:.4f} at step 0 -> {val[-1]:.4f} at step 12" in printed
+
+
+def test_the_demo_never_reruns_into_a_directory_it_did_not_make(tmp_path, capsys):
+    """A rerun replaces the demo's training run (run.py --overwrite): pointed at a directory holding someone's
+    run as train/, it would discard that run's checkpoints. One line, exit 2, nothing changed."""
+    out = tmp_path / "runs"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "main.log").write_text("s:0 tel:10.9\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(out)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"demo.py: error: --out {out}: holds files the demo did not write (train), and a rerun of the demo "
+        "replaces its training run; give a new or empty directory")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["train", "train/main.log"]
