@@ -21,6 +21,8 @@ from pathlib import Path
 
 import tiktoken
 
+from common.files import atomic_write
+
 EOT_TOKEN = 50256
 R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -64,9 +66,10 @@ def seed_r50k_cache() -> Path:
     if hashlib.sha256(ranks).hexdigest() != R50K_SHA256:
         raise RuntimeError(f"{WHISPER_SDIST}: gpt2.tiktoken does not have the expected sha256 {R50K_SHA256}")
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
-    partial.write_bytes(ranks)
-    partial.replace(cache_file)
+    # atomic_write's temp name is random: the cache sits in the shared temp dir, where a link planted at a
+    # name we could predict would redirect the write into another file
+    with atomic_write(cache_file) as f:
+        f.write(ranks)
     return cache_file
 
 

@@ -1,3 +1,4 @@
+import hashlib
 import os
 import subprocess
 import sys
@@ -5,7 +6,7 @@ import sys
 import pyarrow as pa
 
 from pipelines.filters import DROP_REASONS, FilterConfig, drop_reasons
-from pipelines.tokenizer import EOT_TOKEN, R50K_SHA256, gpt2_encoding, tokenizer_identity
+from pipelines.tokenizer import EOT_TOKEN, R50K_SHA256, R50K_URL, gpt2_encoding, seed_r50k_cache, tokenizer_identity
 from tests.helpers import REPO
 
 
@@ -29,6 +30,19 @@ def test_offline_fallback_seeds_an_empty_tiktoken_cache(tmp_path):
                          check=True, timeout=300)
     assert out.stdout.split() == ["[15496,", "995]", R50K_SHA256]
     assert len(list(tmp_path.iterdir())) >= 1  # the cache is seeded for the next process
+
+
+def test_seeding_the_shared_cache_never_writes_through_a_planted_link(tmp_path, monkeypatch):
+    """The vocab cache is in the shared temp dir by default: a link another user plants there at the name of a
+    temp file (once `<cache name>.<pid>.tmp`) must not redirect the write into a file the link points to."""
+    cache, victim = tmp_path / "cache", tmp_path / "victim.txt"
+    cache.mkdir()
+    victim.write_text("someone else's file\n")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    (cache / f"{hashlib.sha1(R50K_URL.encode()).hexdigest()}.{os.getpid()}.tmp").symlink_to(victim)
+    seeded = seed_r50k_cache()
+    assert victim.read_text() == "someone else's file\n"
+    assert hashlib.sha256(seeded.read_bytes()).hexdigest() == R50K_SHA256 and not seeded.is_symlink()
 
 
 def _reason_names(table, config):
