@@ -279,10 +279,11 @@ with claimed(OutputDir(sys.argv[1])):
 """
 
 
-def test_a_second_tokenize_job_into_a_live_jobs_output_is_refused(ray_cluster, tmp_path):
+def test_a_live_tokenize_jobs_output_takes_no_second_job_and_is_not_trained_on(ray_cluster, tmp_path):
     """tokenize.py twice into one -o (the same job submitted again while the first runs): the second is refused
     while the first lives, even with --overwrite, and the first one's files stay; a dead one's lock is taken
-    over. Before, the second deleted the first one's partial writes, or with --overwrite its shards."""
+    over. Before, the second deleted the first one's partial writes, or with --overwrite its shards. Training
+    on those shards meanwhile is refused too: it would take the few written so far."""
     pattern = write_parquet_files(tmp_path / "raw", make_documents(300, seed=3), files=1)
     out = tmp_path / "shards"
     tokenize_files(pattern, out)
@@ -297,6 +298,11 @@ def test_a_second_tokenize_job_into_a_live_jobs_output_is_refused(ray_cluster, t
             assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
             assert f"-o {out}: in use by a live job (pid {holder.pid} on " in refused.stderr, refused.stderr
             assert {name: what for name, what in _tree(out).items() if name != LOCK} == before
+        early = run_cli("training/train.py", ["-i", str(out / "*_train_*.bin"), "-o", str(tmp_path / "run"),
+                                              "-e", "L2H2C64", "-b", "1", "-t", "16", "-x", "1"])
+        assert early.returncode == 2 and early.stderr.count("\n") == 1, early.stderr
+        assert f"{out} is still being written by a live job (pid {holder.pid} on " in early.stderr, early.stderr
+        assert not (tmp_path / "run").exists()
     finally:
         holder.kill()
         holder.wait()

@@ -13,20 +13,28 @@ three integers, saved in checkpoints.
 from __future__ import annotations
 
 import glob
+import os
 
+import fsspec
 import numpy as np
 import torch
 
+from common.lock import DirectoryLock, held_by
 from gpt2.model import GPT2_VOCAB
 from pipelines.shards import ShardFormatError, read_shard
 from training.config import ConfigError
 
 
 def shard_files(pattern: str, flag: str) -> list[str]:
-    """The shards `pattern` matches, in order; ConfigError names `flag` when it matches none."""
+    """The shards `pattern` matches, in order; ConfigError names `flag` when it matches none, or when a live job
+    (tokenize.py) is still writing them: training would silently take the few shards written so far."""
     files = sorted(glob.glob(pattern))
     if not files:
         raise ConfigError(f"{flag} {pattern!r}: no files match")
+    for directory in sorted({os.path.dirname(os.path.abspath(path)) for path in files}):
+        if holder := DirectoryLock(fsspec.filesystem("file"), directory).holder():
+            raise ConfigError(f"{flag} {pattern!r}: {directory} is still being written by a live job "
+                              f"({held_by(holder)}); train once it has finished")
     return files
 
 
