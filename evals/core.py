@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> Result:
         started = time.perf_counter()
         result = core_plan.summarize(score_live_model(model, core_plan.batches))
     else:
-        connect_for_tasks(args.address, args.gpus_per_task)
+        connect_for_tasks(args.address, args.cpus_per_task, args.gpus_per_task)
         eval_set = EvalSet(deal(core_plan.batches, args.tasks), core_plan.summarize)
         started = time.perf_counter()  # scoring only: the cluster start and data upload are not the eval
         result = launch(checkpoint, eval_set, num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task).result()

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> dict[str, float | int]:
     if args.tasks == 0:
         result = evaluate(load_gpt(checkpoint, pick_device(args.device)), examples, args.batch_tokens)
     else:
-        connect_for_tasks(args.address, args.gpus_per_task)
+        connect_for_tasks(args.address, args.cpus_per_task, args.gpus_per_task)
         eval_set = prepare(examples, args.tasks, args.batch_tokens, gpu=args.gpus_per_task > 0)
         started = time.perf_counter()  # scoring only: the cluster start and data upload are not the eval
         handle = launch(checkpoint, eval_set, num_cpus=args.cpus_per_task, num_gpus=args.gpus_per_task)

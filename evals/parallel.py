@@ -162,27 +162,30 @@ class ClusterTooSmall(ValueError):
     """A resource request no node of a cluster that cannot grow will ever satisfy; the message names the flag."""
 
 
-def connect_for_tasks(address: str | None, gpus_per_task: float) -> None:
+def connect_for_tasks(address: str | None, cpus_per_task: float, gpus_per_task: float) -> None:
     """Connect an eval command to Ray for its tasks (common.cluster.connect), then make sure a task's
-    --gpus-per-task fits a node: ClusterTooSmall on a cluster that cannot grow (nothing can add the nodes it
-    lacks, so the tasks would wait forever), a note on a cluster an autoscaler may grow."""
+    --cpus-per-task and --gpus-per-task fit a node: ClusterTooSmall on a cluster that cannot grow (nothing can
+    add the nodes it lacks, so the tasks would wait forever), a note on a cluster an autoscaler may grow."""
     from common.cluster import cannot_grow, connect
 
     connect(address)
-    if (most := gpus_short(gpus_per_task)) is not None:
-        message = f"--gpus-per-task {gpus_per_task:g}: no node of the cluster has that many GPUs (the most is {most:g})"
-        if cannot_grow(address):
-            raise ClusterTooSmall(f"{message}; lower it, or join a cluster with GPU nodes (--address)")
-        print(f"note: {message}; the tasks wait until the autoscaler adds a GPU node", flush=True)
+    for flag, resource, per_task in (("--cpus-per-task", "CPU", cpus_per_task),
+                                     ("--gpus-per-task", "GPU", gpus_per_task)):
+        if (most := resource_short(resource, per_task)) is not None:
+            message = f"{flag} {per_task:g}: no node of the cluster has that many {resource}s (the most is {most:g})"
+            if cannot_grow(address):
+                raise ClusterTooSmall(f"{message}; lower it, or join a larger cluster (--address)")
+            print(f"note: {message}; the tasks wait until the autoscaler adds such a node", flush=True)
 
 
-def gpus_short(gpus_per_task: float) -> float | None:
-    """The most GPUs a live node of the connected cluster has, when that is fewer than a task's `gpus_per_task`
-    (such a task waits until a node with them joins, forever on a cluster that cannot grow); None if one fits."""
+def resource_short(resource: str, per_task: float) -> float | None:
+    """The most of `resource` ("CPU", "GPU") a live node of the connected cluster has, when that is less than a
+    task's `per_task` (such a task waits until a node with it joins, forever on a cluster that cannot grow);
+    None if one fits."""
     import ray
 
-    most = max((node["Resources"].get("GPU", 0.0) for node in ray.nodes() if node["Alive"]), default=0.0)
-    return most if most < gpus_per_task else None
+    most = max((node["Resources"].get(resource, 0.0) for node in ray.nodes() if node["Alive"]), default=0.0)
+    return most if most < per_task else None
 
 
 def launch(source: ModelSource, examples: EvalSet | Sequence[Example] | str | os.PathLike,

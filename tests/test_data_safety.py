@@ -164,6 +164,20 @@ CASES = [
          lambda t: ["evals/core.py", "--checkpoint", str(t / "run"), "--bundle", str(REPO / "evals" / "data" /
                                                                                      "core_smoke"),
                     "--tasks", "1", "--gpus-per-task", "1"], "--gpus-per-task 1", cluster=True),
+    Case("10 run.py -h 1 eval tasks asking for more CPUs than any node has (they waited forever at the end)",
+         lambda t: ["training/run.py", *_engine(t, "-y", "1", "--workers", "1", "-x", str(STEPS + 2), "-h", "1",
+                                                "--hellaswag-file", str(_examples(t)), "--eval-on", "tasks",
+                                                "--eval-cpus-per-task", "64")],
+         "--eval-cpus-per-task 64: no node of the cluster has that many CPUs", cluster=True),
+    Case("10 hellaswag.py tasks asking for more CPUs than any node has",
+         lambda t: ["evals/hellaswag.py", "--checkpoint", str(t / "run"), "--file", str(_examples(t)), "--tasks", "1",
+                    "--cpus-per-task", "64"], "--cpus-per-task 64: no node of the cluster has that many CPUs",
+         cluster=True),
+    Case("10 core.py tasks asking for more CPUs than any node has",
+         lambda t: ["evals/core.py", "--checkpoint", str(t / "run"), "--bundle", str(REPO / "evals" / "data" /
+                                                                                     "core_smoke"),
+                    "--tasks", "1", "--cpus-per-task", "64"], "--cpus-per-task 64: no node of the cluster has that "
+                                                              "many CPUs", cluster=True),
     Case("11 run.py -h 1, an example longer than the block size",
          lambda t: ["training/run.py", *_engine(t, "-y", "1", "-h", "1", "--hellaswag-file", str(_examples(t, True)))],
          "example 1"),

@@ -23,7 +23,7 @@ from training.launcher.hub import Launch
 from training.launcher.placement import (
     Cluster,
     Settings,
-    check_eval_gpus,
+    check_eval_resources,
     cpus_per_worker,
     gpus_per_task,
     model_shape,
@@ -97,7 +97,7 @@ def _place_evals(config: TrainConfig, launch: LaunchConfig, cluster: Cluster, fi
                                      launch.eval_cpus_per_task, gpus, config, cluster)
     for settings in placed.values():
         if settings:
-            check_eval_gpus(settings, fixed_size)
+            check_eval_resources(settings, fixed_size)
     return placed
 
 

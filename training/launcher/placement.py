@@ -18,7 +18,7 @@ import torch
 from evals.core_data import Task
 from evals.core_scoring import plan as core_plan
 from evals.hellaswag_data import Example
-from evals.parallel import gpus_short
+from evals.parallel import resource_short
 from evals.scoring import default_batch_tokens, forward_flops, plan_batches
 from gpt2.interop import read_llmc_header
 from gpt2.model import GPT, GPTConfig
@@ -95,16 +95,20 @@ def choose_placement(eval_on: str, use_gpu: bool, workers: int, cluster: dict[st
                      f"tasks need {need:g}); --eval-on tasks with an eval node type adds GPUs for them")
 
 
-def check_eval_gpus(settings: Settings, fixed_size: bool) -> None:
-    """Eval tasks asking for more GPUs than any node has would wait forever, after the training has finished."""
-    if settings.placement != "tasks" or (most := gpus_short(settings.gpus_per_task)) is None:
+def check_eval_resources(settings: Settings, fixed_size: bool) -> None:
+    """Eval tasks asking for more CPUs or GPUs than any node has would wait forever, after the training has
+    finished."""
+    if settings.placement != "tasks":
         return
-    message = (f"--eval-gpus-per-task {settings.gpus_per_task:g}: no node of the cluster has that many GPUs "
-               f"(the most is {most:g})")
-    if fixed_size:
-        raise ConfigError(f"{message}; lower it (0 runs the evals on CPUs), use --eval-on ranks, or join a cluster "
-                          "with GPU nodes (--address)")
-    print(f"note: {message}; the evals wait until the autoscaler adds a GPU node", flush=True)
+    for flag, resource, per_task, other in (
+            ("--eval-cpus-per-task", "CPU", settings.cpus_per_task, "lower it"),
+            ("--eval-gpus-per-task", "GPU", settings.gpus_per_task, "lower it (0 runs the evals on CPUs)")):
+        if (most := resource_short(resource, per_task)) is None:
+            continue
+        message = f"{flag} {per_task:g}: no node of the cluster has that many {resource}s (the most is {most:g})"
+        if fixed_size:
+            raise ConfigError(f"{message}; {other}, use --eval-on ranks, or join a larger cluster (--address)")
+        print(f"note: {message}; the evals wait until the autoscaler adds such a node", flush=True)
 
 
 def cpu_flops_per_second(threads: int) -> float:
