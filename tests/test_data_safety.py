@@ -124,6 +124,7 @@ class Case:
     cluster: bool = False  # in this process, connected to the session's Ray cluster (CPUs only, no GPU)
 
 
+EVAL_ASKS = (("gpus-per-task", "1", "GPUs a CPU cluster lacks"), ("cpus-per-task", "64", "more CPUs than any node has"))
 CASES = [
     # 1: an --overwrite that fails validation deletes nothing
     Case("1 train.py --overwrite -l nan", lambda t: ["training/train.py", *_engine(t, "--overwrite", "-l", "nan")],
@@ -151,33 +152,24 @@ CASES = [
          "which this command reads"),
     Case("5 plot.py -o onto an unrelated file", lambda t: ["training/plot.py", str(t / "run"), "-o",
                                                            str(t / "notes.txt")], "--overwrite"),
-    # 10 / 11: what the evals will meet, checked at launch
-    Case("10 run.py -h 1 eval tasks asking for GPUs a CPU cluster lacks",
-         lambda t: ["training/run.py", *_engine(t, "-y", "1", "--workers", "1", "-x", str(STEPS + 2), "-h", "1",
-                                                "--hellaswag-file", str(_examples(t)), "--eval-on", "tasks",
-                                                "--eval-gpus-per-task", "1")],
-         "--eval-gpus-per-task 1", cluster=True),
-    Case("10 hellaswag.py tasks asking for GPUs a CPU cluster lacks",
-         lambda t: ["evals/hellaswag.py", "--checkpoint", str(t / "run"), "--file", str(_examples(t)), "--tasks", "1",
-                    "--gpus-per-task", "1"], "--gpus-per-task 1", cluster=True),
-    Case("10 core.py tasks asking for GPUs a CPU cluster lacks",
-         lambda t: ["evals/core.py", "--checkpoint", str(t / "run"), "--bundle", str(REPO / "evals" / "data" /
-                                                                                     "core_smoke"),
-                    "--tasks", "1", "--gpus-per-task", "1"], "--gpus-per-task 1", cluster=True),
-    Case("10 run.py -h 1 eval tasks asking for more CPUs than any node has (they waited forever at the end)",
-         lambda t: ["training/run.py", *_engine(t, "-y", "1", "--workers", "1", "-x", str(STEPS + 2), "-h", "1",
-                                                "--hellaswag-file", str(_examples(t)), "--eval-on", "tasks",
-                                                "--eval-cpus-per-task", "64")],
-         "--eval-cpus-per-task 64: no node of the cluster has that many CPUs", cluster=True),
-    Case("10 hellaswag.py tasks asking for more CPUs than any node has",
-         lambda t: ["evals/hellaswag.py", "--checkpoint", str(t / "run"), "--file", str(_examples(t)), "--tasks", "1",
-                    "--cpus-per-task", "64"], "--cpus-per-task 64: no node of the cluster has that many CPUs",
-         cluster=True),
-    Case("10 core.py tasks asking for more CPUs than any node has",
-         lambda t: ["evals/core.py", "--checkpoint", str(t / "run"), "--bundle", str(REPO / "evals" / "data" /
-                                                                                     "core_smoke"),
-                    "--tasks", "1", "--cpus-per-task", "64"], "--cpus-per-task 64: no node of the cluster has that "
-                                                              "many CPUs", cluster=True),
+    # 10 / 11: what the evals will meet, checked at launch; 10: tasks asking for more than any node has would
+    # wait forever (run.py's, once the training had finished)
+    *[Case(f"10 run.py -h 1 eval tasks asking for {what}",
+           lambda t, ask=(f"--eval-{per_task}", value): [
+               "training/run.py", *_engine(t, "-y", "1", "--workers", "1", "-x", str(STEPS + 2), "-h", "1",
+                                           "--hellaswag-file", str(_examples(t)), "--eval-on", "tasks", *ask)],
+           f"--eval-{per_task} {value}: no node of the cluster has that many", cluster=True)
+      for per_task, value, what in EVAL_ASKS],
+    *[Case(f"10 hellaswag.py tasks asking for {what}",
+           lambda t, ask=(f"--{per_task}", value): [
+               "evals/hellaswag.py", "--checkpoint", str(t / "run"), "--file", str(_examples(t)), "--tasks", "1",
+               *ask], f"--{per_task} {value}: no node of the cluster has that many", cluster=True)
+      for per_task, value, what in EVAL_ASKS],
+    *[Case(f"10 core.py tasks asking for {what}",
+           lambda t, ask=(f"--{per_task}", value): [
+               "evals/core.py", "--checkpoint", str(t / "run"), "--bundle", str(REPO / "evals" / "data" / "core_smoke"),
+               "--tasks", "1", *ask], f"--{per_task} {value}: no node of the cluster has that many", cluster=True)
+      for per_task, value, what in EVAL_ASKS],
     Case("11 run.py -h 1, an example longer than the block size",
          lambda t: ["training/run.py", *_engine(t, "-y", "1", "-h", "1", "--hellaswag-file", str(_examples(t, True)))],
          "example 1"),
