@@ -261,7 +261,8 @@ def write_shards(ds: Dataset, output_dir: str, prefix: str = "shard", shard_size
     out = OutputDir(output_dir)
     out.check_directory()
     out.makedirs()
-    with claimed(out):  # a directory holding no shards yet can still be another writer's, just started
+    # a directory holding no shards yet can still be another writer's, just started
+    with claimed(out, "write_shards(): output_dir"):
         if out.exists(MANIFEST_FILE) or out.glob(shard_pattern()):
             raise InputError(f"{out}: already holds shards; write_shards() writes into a fresh directory")
         ds.context.execution_options.preserve_order = True  # the shards hold the Dataset's order

@@ -149,16 +149,17 @@ class OutputDir:
 # ---- -o before a run: refuse, finish, resume or start ----------------------------------------------------------
 
 @contextmanager
-def claimed(out: OutputDir) -> Iterator[None]:
+def claimed(out: OutputDir, name: str = "-o") -> Iterator[None]:
     """-o for this job alone while it writes: a second job into the same -o (a command run twice, a job
-    submitted again) is refused while this one lives, before it could delete or rewrite anything."""
+    submitted again) is refused while this one lives, before it could delete or rewrite anything. `name`: how
+    errors name the directory (the flag, or the API's argument)."""
     lock = DirectoryLock(out.fs, out._target(""))
     try:
         acquired = lock.acquire()
     except OSError as err:
-        raise InputError(f"-o {out}: cannot be written ({err.strerror or err})") from err
+        raise InputError(f"{name} {out}: cannot be written ({err.strerror or err})") from err
     if not acquired:
-        raise InputError(f"-o {out}: in use by a live job ({held_by(lock.holder())}); wait for it, or if it is "
+        raise InputError(f"{name} {out}: in use by a live job ({held_by(lock.holder())}); wait for it, or if it is "
                          f"dead delete {lock.path}")
     try:
         yield
