@@ -16,7 +16,6 @@ directory, or one the demo made (it leaves a .raygpt2-demo mark there): never so
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import subprocess
@@ -24,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from common import cli
 from common.cluster import lost_in_job_copy
 from gpt2 import mainlog
 from gpt2.rundir import HELLASWAG_RECORDS, MAIN_LOG, PLOT, SUMMARY
@@ -92,7 +92,7 @@ def run_demo(out: Path, steps: int, model: str, every: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="demo.py", description="tokenize -> train with HellaSwag beside it -> sample -> plot, offline on CPU")
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="output dir (default: out/demo)")
     parser.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")

@@ -118,16 +118,19 @@ def wait_for(condition: Callable[[], object], what: str, limit_s: float = 600) -
 
 class ReportGate(UserCallback):
     """A ray.train.UserCallback, run by Ray Train's controller, that holds a training run at its first report
-    (with `checkpoint=True`: its first report carrying a checkpoint, which Ray has registered by then) until
-    the test releases it. Ray Train's workers block at their next report until the controller takes it, so a
-    held run cannot finish, nor register another checkpoint, while the test kills what it kills. Files in
-    `directory` are the signals, so a run driven from another process is held the same way."""
+    (with `checkpoint=True`: its first report carrying a checkpoint, which Ray has registered by then; with
+    `name`: the report carrying that checkpoint) until the test releases it. Ray Train's workers block at
+    their next report until the controller takes it, so a held run cannot finish, nor register another
+    checkpoint, while the test kills what it kills. Files in `directory` are the signals, so a run driven
+    from another process is held the same way."""
 
-    def __init__(self, directory: Path, checkpoint: bool = True):
-        self.directory, self.checkpoint = Path(directory), checkpoint
+    def __init__(self, directory: Path, checkpoint: bool = True, name: str | None = None):
+        self.directory, self.checkpoint, self.name = Path(directory), checkpoint or bool(name), name
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         if self.reached() is not None or (self.checkpoint and checkpoint is None):
+            return
+        if self.name and Path(checkpoint.path).name != self.name:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         temporary = self.directory / "reached.partial"

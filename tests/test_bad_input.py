@@ -294,6 +294,11 @@ CASES = [
          "--workers 64"),
     Case("run.py: an elastic range with groups -d cannot split over",  # -b 2 x -t 16: -d 192 is 6 micro-batches
          _engine("training/run.py", "--workers", "8", "--min-workers", "2", "-d", "192"), "sizes that keep -d: 2-6"),
+    Case("monitor: install with no Ray session in --temp-dir", lambda tmp: [
+        "training/monitor.py", "install", "--temp-dir", str(tmp), "--no-prometheus", "--no-grafana"], "--temp-dir"),
+    Case("monitor: --scrape-interval that Prometheus would refuse", lambda tmp: [
+        "training/monitor.py", "install", "--temp-dir", str(tmp), "--scrape-interval", "fast"], "--scrape-interval"),
+    Case("monitor: an unknown command", lambda tmp: ["training/monitor.py", "start"], "'start'"),
 ]
 
 

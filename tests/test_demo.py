@@ -41,7 +41,7 @@ def test_the_demo_never_reruns_into_a_directory_it_did_not_make(tmp_path, capsys
     with pytest.raises(SystemExit) as exit_:
         main(["--out", str(out)])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"demo.py: error: --out {out}: holds files the demo did not write (train), and a rerun of the demo "
-        "replaces its training run; give a new or empty directory")
+        "replaces its training run; give a new or empty directory (--help for usage)"]
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["train", "train/main.log"]

@@ -1,4 +1,4 @@
-"""Elastic worker groups: the same stream at any size, resumes at other sizes, a reclaimed node mid-run.
+"""Elastic worker groups: the same stream at any size, resumes at other sizes, spot nodes reclaimed mid-run.
 
 Runs at another size are compared to an uninterrupted 2-worker run within float tolerance, not bitwise: the
 same micro-batches' gradients are summed in another order (on one rank rather than across ranks by DDP's
@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -207,23 +207,23 @@ def test_the_spot_watcher_finds_the_node_it_runs_on_and_exits_off_ec2_or_off_a_c
     assert first_line.startswith(f"spot watch: node {ray_cluster.get_runtime_context().get_node_id()}, "), first_line
 
 
-# run.py as a user runs it against the two-node cluster, with the tests' report gates passed to launch_run:
-# argv[1] is a JSON list of [gate directory, whether it waits for a checkpoint].
+# run.py as a user runs it against the three-node cluster, with the tests' report gates passed to launch_run:
+# argv[1] is a JSON list of ReportGate arguments [directory, checkpoint, name].
 GATED_RUN = """
 import json, sys
 from tests.helpers import ReportGate
 from training.launcher.launch import main
-sys.exit(main(sys.argv[2:], callbacks=[ReportGate(path, checkpoint) for path, checkpoint in json.loads(sys.argv[1])]))
+sys.exit(main(sys.argv[2:], callbacks=[ReportGate(*gate) for gate in json.loads(sys.argv[1])]))
 """
 
 
 @pytest.fixture
-def two_node_head(tmp_path_factory):
+def spot_head(tmp_path_factory):
     """A head of one CPU that notices a dead node within ~2 s (`health_check_failure_threshold` missed checks
-    of `health_check_period_ms`); each test adds the second node it reclaims. One head per test: Ray Train
-    sizes an elastic group from the cluster's AutoscalingCoordinator (an actor of Ray Data), whose view of the
-    nodes is refreshed every 20 s, so on a head shared with an earlier test a run could start before that view
-    holds the test's second node, and start with one worker."""
+    of `health_check_period_ms`); the test adds the nodes it reclaims before its run starts. A head of its
+    own: Ray Train sizes an elastic group from the cluster's AutoscalingCoordinator (an actor of Ray Data),
+    whose view of the nodes is refreshed every 20 s, so on a head shared with an earlier run a run could start
+    before that view holds the new nodes, and start smaller."""
     fast_detection = {"health_check_period_ms": 1000, "health_check_failure_threshold": 2}
     with ray_head(tmp_path_factory.mktemp("ray"), num_cpus=1, system_config=fast_detection) as head:
         yield head
@@ -236,89 +236,86 @@ def preemption_seen(head) -> bool:
                for log in head.temp_dir.rglob("worker-*.err"))
 
 
-def run_while_reclaiming(head, out: Path, run_flags: list[str], steps: int, tmp_path: Path,
-                         notice: bool = False) -> subprocess.CompletedProcess:
-    """`run.py --workers 2 --min-workers 1` on the head and a second node of one CPU each. The run is held at
-    its first registered checkpoint while the second node's process tree is SIGKILLed (no drain, as when a
-    spot instance is reclaimed), then let go. With `notice`, the run is first held at its first report while
-    EC2's spot notice appears in the node's instance metadata and the node's `training.ops.spot_watch` drains it
-    for preemption with the notice's deadline; the run goes on once Ray Train's preemption watcher has seen the
-    drain, so its checkpoint is then the one the notice asked for."""
-    at_first_report, at_checkpoint = ReportGate(tmp_path / "first_report", False), ReportGate(tmp_path / "ckpt")
-    gates = [at_first_report, at_checkpoint] if notice else [at_checkpoint]
-    with ray_node(head, num_cpus=1) as node, spot_metadata() as (metadata_url, metadata):
-        second = next(n["node_id"] for n in alive_nodes(head) if not n["is_head_node"])
-        reclaimed: dict[str, object] = {}
-        # two nodes on one machine: the watcher is told which one it stands for
-        watcher = spot_watch("--metadata-url", metadata_url, "--address", head.gcs_address, "--node-id", second,
-                             "--interval", "0.2", env=head.env) if notice else None
+def test_spot_reclaims_with_and_without_notice_leave_the_run_on_one_worker_with_the_same_result(
+        reference_run, run_shards, spot_head, tmp_path):
+    """`run.py --workers 3 --min-workers 1` on the head and two more nodes of one CPU each, both of them spot
+    capacity that is reclaimed while the run goes on:
+
+    1. with notice: the run is held at its first report while EC2's spot notice appears in the first node's
+       instance metadata and that node's `training.ops.spot_watch` drains it for preemption with the notice's
+       deadline; let go once Ray Train's preemption watcher has seen the drain, the run checkpoints at once,
+       off the -n schedule, and is held at that checkpoint while the node's process tree is SIGKILLed. The
+       group restarts on 2 workers from it: without the just-in-time checkpoint it would have gone back to
+       the last -n one.
+    2. without notice (no drain, as when a spot instance is simply reclaimed): held at the checkpoint of step
+       2 x -n, which Ray has registered, the second node's tree is SIGKILLed. The group restarts on 1 worker
+       from that checkpoint and finishes.
+
+    Every step is trained once, and the result is the uninterrupted 2-worker run's."""
+    out = tmp_path / "spot"
+    # A report (and with it a look at the notice) at every step. Later flags win over RUN_FLAGS; neither
+    # changes the numbers.
+    flags = run_flags(run_shards, out, "--report-interval", "0")
+    reclaim_at = 2 * EVERY
+    at_first_report = ReportGate(tmp_path / "first_report", checkpoint=False)
+    at_notice_checkpoint = ReportGate(tmp_path / "notice_checkpoint")
+    at_later_checkpoint = ReportGate(tmp_path / "later_checkpoint", name=f"ckpt_{reclaim_at:08d}")
+    gates = [at_first_report, at_notice_checkpoint, at_later_checkpoint]
+    head = spot_head
+    with ExitStack() as nodes:
+        noticed = nodes.enter_context(ray_node(head, num_cpus=1))
+        (noticed_id,) = [n["node_id"] for n in alive_nodes(head) if not n["is_head_node"]]
+        unnoticed = nodes.enter_context(ray_node(head, num_cpus=1))
+        metadata_url, metadata = nodes.enter_context(spot_metadata())
+        # three nodes on one machine: the watcher is told which one it stands for
+        watcher = spot_watch("--metadata-url", metadata_url, "--address", head.gcs_address, "--node-id", noticed_id,
+                             "--interval", "0.2", env=head.env)
+        seen: dict[str, object] = {}
 
         def reclaim() -> None:
-            if watcher:
-                at_first_report.wait_until_held()
-                post_spot_notice(metadata, seconds=60)
-                reclaimed["watcher"] = watcher.communicate(timeout=120)[0]  # it exits once it has drained
-                wait_for(lambda: preemption_seen(head), "Ray Train's preemption watcher to see the drain")
-                at_first_report.release()
-            reclaimed["checkpoint"] = at_checkpoint.wait_until_held()
-            reclaimed["finished"] = (out / f"ckpt_{steps:08d}").exists()
-            kill_tree(node.pid)
-            at_checkpoint.release()
+            at_first_report.wait_until_held()
+            post_spot_notice(metadata, seconds=60)
+            seen["watcher"] = watcher.communicate(timeout=120)[0]  # it exits once it has drained
+            wait_for(lambda: preemption_seen(head), "Ray Train's preemption watcher to see the drain")
+            at_first_report.release()
+            seen["notice_checkpoint"] = at_notice_checkpoint.wait_until_held()
+            kill_tree(noticed.pid)
+            at_notice_checkpoint.release()
+            at_later_checkpoint.wait_until_held()
+            seen["finished"] = (out / f"ckpt_{STEPS:08d}").exists()
+            kill_tree(unnoticed.pid)
+            at_later_checkpoint.release()
 
         reclaimer = threading.Thread(target=reclaim, daemon=True)
         reclaimer.start()
-        run = subprocess.run([sys.executable, "-c", GATED_RUN, json.dumps([[str(g.directory), g.checkpoint]
-                                                                            for g in gates]),
-                              "--address", head.gcs_address, "--workers", "2", "--min-workers", "1", *run_flags],
+        run = subprocess.run([sys.executable, "-c", GATED_RUN,
+                              json.dumps([[str(g.directory), g.checkpoint, g.name] for g in gates]),
+                              "--address", head.gcs_address, "--workers", "3", "--min-workers", "1", *flags],
                              cwd=REPO, env={**head.env, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.1"},
                              capture_output=True, text=True, timeout=600)
         reclaimer.join()
-        if watcher and watcher.poll() is None:
+        if watcher.poll() is None:
             watcher.kill()
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    if watcher:
-        assert watcher.returncode == 0 and re.search(r"EC2 will terminate this instance in \d+ s; draining "
-                                                     f"node {second}", reclaimed.pop("watcher")), reclaimed
-    assert reclaimed.pop("finished") is False, "the node was not reclaimed while the run was in progress"
-    run.checkpoint = reclaimed.pop("checkpoint")
-    return run
-
-
-def test_a_reclaimed_node_leaves_the_run_on_one_worker_with_the_same_result(reference_run, run_shards,
-                                                                            two_node_head, tmp_path):
-    """Reclaimed without notice once Ray registered a -n checkpoint: the run finishes on one worker."""
-    out = tmp_path / "elastic"
-    run = run_while_reclaiming(two_node_head, out, run_flags(run_shards, out), STEPS, tmp_path)
-    resize = re.search(r"resize: 2 -> 1 workers at step (\d+) \(rank \d failed: (.*)\); (\d+) step\(s\)", run.stdout)
-    assert resize, run.stdout[-3000:]
-    resumed_at = int(resize[1])
-    assert run.checkpoint == f"ckpt_{EVERY:08d}" and resumed_at == EVERY  # the checkpoint Ray had registered
-    log = (out / "main.log").read_text().splitlines()
-    assert [int(line.split()[0][2:]) for line in log if " trl:" in line] == list(range(STEPS))  # no gap, no repeat
-    assert f"s:{resumed_at} workers:1" in log
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["workers"] == 1 and summary["worker_hours"] < 2 * summary["elapsed_s"] / 3600  # part on 1
-    assert_same_training(out, reference_run, STEPS)
-    assert_same_losses(out, reference_run)
-
-
-def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_there(reference_run, run_shards,
-                                                                                 two_node_head, tmp_path):
-    """As the reclaim above, but EC2's spot notice first reaches the second node, whose spot watcher drains
-    it for preemption with a deadline, and the node is SIGKILLed once the run has reacted. No -n
-    checkpoints: without the just-in-time one the restart would begin again at step 0."""
-    # The run is let go once Ray Train's preemption watcher has told its workers; a report (and with it a look
-    # at the notice) at every step. Later flags win over RUN_FLAGS; neither changes the numbers.
-    paced = ["-n", "0", "--report-interval", "0"]
-    out = tmp_path / "preempted"
-    run = run_while_reclaiming(two_node_head, out, run_flags(run_shards, out, *paced), STEPS, tmp_path, notice=True)
+    assert watcher.returncode == 0 and re.search(r"EC2 will terminate this instance in \d+ s; draining "
+                                                 f"node {noticed_id}", seen["watcher"]), seen
+    assert seen["finished"] is False, "the second node was not reclaimed while the run was in progress"
+    shown = "\n".join(line for line in run.stdout.splitlines() if "step " not in line)[-6000:]
     notice = re.search(r"preemption notice: rank\(s\) \d on a node being drained, reclaimed in \d+ s; "
                        r"checkpointing at step (\d+)", run.stdout)
-    resize = re.search(r"resize: 2 -> 1 workers at step (\d+)", run.stdout)
-    assert notice and resize, "\n".join(line for line in run.stdout.splitlines() if "step " not in line)[-6000:]
-    assert 0 < int(notice[1]) == int(resize[1]) < STEPS  # resumed from the just-in-time checkpoint
-    assert run.checkpoint == f"ckpt_{int(notice[1]):08d}"
+    # each node's log monitor forwards the session's worker logs, which nodes on one machine share: a line
+    # reaches the driver once per live node
+    resizes = list(dict.fromkeys(re.findall(r"resize: (\d) -> (\d) workers at step (\d+)", run.stdout)))
+    assert notice and len(resizes) == 2, shown
+    noticed_at = int(notice[1])
+    assert 0 < noticed_at < reclaim_at and noticed_at % EVERY, shown  # at once, not on the -n schedule
+    assert seen["notice_checkpoint"] == f"ckpt_{noticed_at:08d}"
+    assert resizes == [("3", "2", str(noticed_at)), ("2", "1", str(reclaim_at))], shown
+    assert re.search(rf"resize: 2 -> 1 workers at step {reclaim_at} \(rank \d failed: ", run.stdout), shown
     log = (out / "main.log").read_text().splitlines()
-    assert [int(line.split()[0][2:]) for line in log if " trl:" in line] == list(range(STEPS))
+    assert [int(line.split()[0][2:]) for line in log if " trl:" in line] == list(range(STEPS))  # no gap, no repeat
+    assert f"s:{noticed_at} workers:2" in log and f"s:{reclaim_at} workers:1" in log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["workers"] == 1 and summary["worker_hours"] < 3 * summary["elapsed_s"] / 3600  # part on fewer
     assert_same_training(out, reference_run, STEPS)
     assert_same_losses(out, reference_run)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import make_documents
+from tests.helpers import make_documents, run_cli
 from training.launcher.local_cluster import RAY, free_ports, ray_head
 from training.ops.gauges import SERIES
 from training.ops.monitor import (
@@ -215,27 +215,40 @@ def test_the_tokenize_job_is_listed_on_the_dashboard(head, shards):
     assert dataset["progress"] == dataset["total"] == units
 
 
-def test_a_relative_output_path_in_a_submitted_job_is_refused(head, shards, run):
+def test_a_relative_output_path_in_a_submitted_job_is_refused(head, shards, run, tmp_path, monkeypatch):
     """A job's driver runs in Ray's copy of --working-dir, which Ray deletes with what it holds: a relative -o
-    (llm.c's `-o log124M`, tokenize.py's default) would leave the shards or the run there, and a relative
-    export the model file. One line each, and nothing is written into the copy."""
+    (tokenize.py's default, llm.c's `-o log124M`) would leave the shards or the run there, and a relative
+    export or plot the file. One line each, and nothing is written into the copy. tokenize.py is submitted as
+    a user types it; the other commands get what Ray gave that job's driver (its job config, its cwd) and run
+    through their main(argv)."""
     docs = shards["dir"].parent / "docs.jsonl"
-    cases = {"relative-tokenize": ("tokenize.py: error: -o data/edu_fineweb10B (the default): ",
-                                   ["pipelines/tokenize.py", "--input", str(docs)]),
-             "relative-train": ("run.py: error: -o log124M: ",
-                                ["training/run.py", "-i", str(shards["dir"] / "*_train_*.bin"), "-o", "log124M"]),
-             "relative-export": ("export.py: error: --llmc model.bin: ",
-                                 ["training/export.py", str(run["out"]), "--llmc", "model.bin"])}
-    for submission_id, (error, command) in cases.items():
-        job = submit(head, submission_id, *command)
-        # `ray job submit` shows the job's log, then the same lines again in its status message
-        errors = {line for line in job.stdout.splitlines() if ": error: " in line}
-        assert job.returncode != 0 and len(errors) == 1, job.stdout[-3000:] + job.stderr[-3000:]
-        (line,) = errors
-        copy = re.search(r"lands in Ray's temporary copy of that directory \((.+?)\), which Ray deletes; give an "
-                         r"absolute path or a URL", line)
-        assert line.startswith(error) and copy and "runtime_resources" in copy[1], line
-        assert not any((Path(copy[1]) / name).exists() for name in ("data", "log124M", "model.bin"))
+    job = submit(head, "relative-tokenize", "pipelines/tokenize.py", "--input", str(docs))
+    # `ray job submit` shows the job's log, then the same lines again in its status message
+    errors = {line for line in job.stdout.splitlines() if ": error: " in line}
+    assert job.returncode != 0 and len(errors) == 1, job.stdout[-3000:] + job.stderr[-3000:]
+    (line,) = errors
+    copy = re.search(r"lands in Ray's temporary copy of that directory \((.+?)\), which Ray deletes; give an "
+                     r"absolute path or a URL", line)
+    assert line.startswith("tokenize.py: error: -o data/edu_fineweb10B (the default): "), line
+    assert copy and "runtime_resources" in copy[1] and not (Path(copy[1]) / "data").exists(), line
+    job_config = get(f"{head.dashboard_url}/api/jobs/relative-tokenize")["runtime_env"]
+    assert job_config.get("working_dir"), job_config  # what the driver read its job config from
+
+    copy = tmp_path / "working_dir_copy"
+    copy.mkdir()
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job_config}))
+    cases = [("training/run.py", "-o log124M: ",
+              ["-i", str(shards["dir"] / "*_train_*.bin"), "-o", "log124M"]),
+             ("training/export.py", "--llmc model.bin: ", [str(run["out"]), "--llmc", "model.bin"]),
+             ("training/plot.py", "-o main.png: ", [str(run["out"]), "-o", "main.png"]),
+             ("demo.py", "--out out/demo: ", [])]
+    for script, culprit, argv in cases:  # run in-process, argparse names the program after pytest
+        done = run_cli(script, argv)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and f": error: {culprit}" in lines[0], (script, lines)
+        assert f"lands in Ray's temporary copy of that directory ({copy})" in lines[-1], lines[-1]
+    assert not any(copy.iterdir())
 
 
 def test_ray_job_submit_runs_the_launcher_and_its_log_is_the_engine_console(run):

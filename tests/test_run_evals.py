@@ -3,10 +3,7 @@ to the single-process scorers, CORE's last step on the whole bundle, a bounded b
 free of eval leftovers. HellaSwag and CORE share each run: a Ray Train fit is the expensive part here."""
 
 import json
-import re
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from gpt2.checkpoint import load_model
 from gpt2.mainlog import read
 from tests.helpers import HeldCPUs, make_shards, wait_for
 from training.launcher.launch import main
+from training.launcher.placement import choose_placement
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "evals" / "data" / "hellaswag_smoke.jsonl"
@@ -179,18 +177,11 @@ def test_evals_that_cannot_keep_up_never_queue_more_than_one_and_the_run_ends_af
     assert [s for s, _ in read(out / "main.log")["eval"]] == [r["step"] for r in scored]
 
 
-def test_placement_on_a_cluster_that_declares_gpus():
-    """A local cluster with 4 logical GPUs (none physical): Ray's own resource view decides."""
-    code = """
-import ray
-from training.launcher.placement import choose_placement
-ray.init("local", num_cpus=2, num_gpus=4, include_dashboard=False)
-cluster = ray.cluster_resources()
-print(choose_placement("auto", True, 4, cluster, 2, 1.0)[0], choose_placement("auto", True, 2, cluster, 2, 1.0)[0],
-      choose_placement("auto", False, 2, cluster, 2, 0.0)[0], choose_placement("tasks", True, 4, cluster, 2, 1.0)[0],
-      choose_placement("auto", True, 3, cluster, 2, 1.0)[0])
-"""
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+def test_placement_on_a_cluster_that_declares_gpus(ray_cluster):
+    """The session cluster's own resource view (ray.cluster_resources()) as a cluster of 4 GPUs would give it."""
+    cluster = {**ray_cluster.cluster_resources(), "GPU": 4.0}
+    placements = [choose_placement(*asked, cluster, 2, gpus)[0] for *asked, gpus in (
+        ("auto", True, 4, 1.0), ("auto", True, 2, 1.0), ("auto", False, 2, 0.0), ("tasks", True, 4, 1.0),
+        ("auto", True, 3, 1.0))]
     # every GPU held -> ranks; 2 spare -> tasks; CPU training -> tasks; asked -> tasks; 1 spare < 2 needed -> ranks
-    assert re.findall(r"\w+", done.stdout.strip().splitlines()[-1]) == ["ranks", "tasks", "tasks", "tasks", "ranks"]
+    assert placements == ["ranks", "tasks", "tasks", "tasks", "ranks"]

@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from common import cli
 from training.ops.gauges import PREFIX, SERIES
+
+
+class MonitorError(Exception):
+    """What keeps `install` from provisioning or starting a server, as one line."""
 
 DASHBOARD_UID = "raygpt2"
 DASHBOARD_JSON = Path(__file__).resolve().parent / "grafana" / "raygpt2.json"
@@ -45,6 +51,7 @@ PANEL_HEIGHT = 8
 DEFAULT_PROMETHEUS_HOST = "http://localhost:9090"  # Ray's defaults when RAY_*_HOST are unset
 DEFAULT_GRAFANA_HOST = "http://localhost:3000"
 RAY_SCRAPE_INTERVAL = "10s"  # Ray's generated prometheus.yml
+PROMETHEUS_DURATION = re.compile(r"(\d+(ms|s|m|h|d|w|y))+")  # what Prometheus accepts for an interval
 # Ray's service-discovery file for Prometheus (ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE), in each
 # session dir and linked from the temp dir to the latest session's.
 SERVICE_DISCOVERY = "prom_metrics_service_discovery.json"
@@ -157,7 +164,7 @@ def _metrics_root(temp_dir: Path) -> Path:
     """Where the head's dashboard wrote its Prometheus and Grafana configs (Ray's metrics_head.py)."""
     session = temp_dir / "session_latest"
     if not session.exists():
-        raise SystemExit(f"monitor: error: no Ray session in {temp_dir}: start the head first (ray start --head)")
+        raise MonitorError(f"--temp-dir {temp_dir}: no Ray session there: start the head first (ray start --head)")
     return Path(os.environ.get("RAY_METRICS_OUTPUT_ROOT", session.resolve() / "metrics"))
 
 
@@ -167,7 +174,7 @@ def provision(temp_dir: Path) -> Path:
     folder = Path(os.environ.get("RAY_METRICS_GRAFANA_DASHBOARD_OUTPUT_DIR", metrics / "grafana" / "dashboards"))
     core_file = folder / CORE_DASHBOARD_FILE_NAME
     if not core_file.exists():
-        raise SystemExit(f"monitor: error: {core_file} is missing: is the head's dashboard (ray[default]) up?")
+        raise MonitorError(f"{core_file} is missing: is the head's dashboard (ray[default]) up?")
     (folder / DASHBOARD_FILE_NAME).write_text(dashboard_json())
     core_file.write_text(json.dumps(add_to_core_dashboard(json.loads(core_file.read_text())), indent=2))
     return folder
@@ -190,7 +197,7 @@ def _start(name: str, command: list[str], log: Path, health_url: str,
     deadline = time.monotonic() + 60
     while not _answers(health_url):
         if server.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"monitor: error: {name} did not come up; see {log}")
+            raise MonitorError(f"{name} did not come up; see {log}")
         time.sleep(0.5)
     print(f"{name}: started at {health_url.split('/api/')[0]} (pid {server.pid}, log {log})", flush=True)
     return server
@@ -212,7 +219,7 @@ def start_prometheus(temp_dir: Path, host: str, scrape_interval: str) -> subproc
         print(f"prometheus: already answering at {host}", flush=True)
         return None
     if not shutil.which("prometheus"):
-        raise SystemExit("monitor: error: no prometheus on PATH (Debian/Ubuntu: apt-get install prometheus)")
+        raise MonitorError("no prometheus on PATH (Debian/Ubuntu: apt-get install prometheus)")
     folder = temp_dir / "prometheus"
     folder.mkdir(exist_ok=True)
     config = folder / "prometheus.yml"
@@ -234,7 +241,7 @@ def start_grafana(temp_dir: Path, host: str) -> subprocess.Popen | None:
     elif shutil.which("grafana-server"):
         command = ["grafana-server"]
     else:
-        raise SystemExit("monitor: error: no grafana on PATH (see cluster.yaml's head_setup_commands)")
+        raise MonitorError("no grafana on PATH (see cluster.yaml's head_setup_commands)")
     packaged = Path("/usr/share/grafana")  # the .deb's home; a tarball's is the parent of its bin/
     home = packaged if packaged.is_dir() else Path(shutil.which(command[0])).resolve().parents[1]
     folder = temp_dir / "grafana"
@@ -266,7 +273,7 @@ def install(temp_dir: Path, prometheus: bool = True, grafana: bool = True,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.monitor", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m training.monitor", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     setup = commands.add_parser("install", help="provision the dashboard on this head node's Ray session and "
                                                 "start Prometheus and Grafana if they do not answer yet")
@@ -281,11 +288,17 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("dashboard", help=f"regenerate {DASHBOARD_JSON.relative_to(DASHBOARD_JSON.parents[2])} "
                                           "(after a change to the panels or training/ops/gauges.py)")
     args = parser.parse_args(argv)
+    if args.command == "install" and not PROMETHEUS_DURATION.fullmatch(args.scrape_interval):
+        parser.error(f"--scrape-interval {args.scrape_interval}: not a Prometheus duration (e.g. 1s, 500ms, 1m)")
     if args.command == "dashboard":
         DASHBOARD_JSON.write_text(dashboard_json())
         print(f"wrote {DASHBOARD_JSON}")
     else:
-        install(args.temp_dir, args.prometheus, args.grafana, args.scrape_interval)
+        try:
+            install(args.temp_dir, args.prometheus, args.grafana, args.scrape_interval)
+        except MonitorError as err:
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 2
     return 0
 
 
