@@ -31,7 +31,7 @@ from training.launcher.placement import (
     settle_core,
 )
 from training.launcher.progress import hour_price
-from training.launcher.records import FailureLog, WorkerGroupLog, report_group_failures
+from training.launcher.records import RunRecords, report_group_failures
 from training.launcher.storage import staged
 from training.launcher.worker import INPUT_ERRORS, FatalTrainingError, train_worker
 from training.resume import check_same_run
@@ -132,8 +132,7 @@ def launch_run(config: TrainConfig, launch: LaunchConfig, callbacks: list | None
     # Beside the driver, as Ray Train's controller is: a worker node may vanish (spot capacity) and must not take
     # the run's own records with it.
     beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    failures = ray.remote(num_cpus=0, scheduling_strategy=beside_driver)(FailureLog).remote()
-    groups = ray.remote(num_cpus=0, scheduling_strategy=beside_driver)(WorkerGroupLog).remote()
+    records = ray.remote(num_cpus=0, scheduling_strategy=beside_driver)(RunRecords).remote()
     if smallest < largest:
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(ELASTIC_GROUP_START_TIMEOUT_S))
     # Ray Train's state API (the dashboard's /api/train/v2/runs/v1: the run, its attempts and workers) is off
@@ -142,7 +141,7 @@ def launch_run(config: TrainConfig, launch: LaunchConfig, callbacks: list | None
     claim = RunDir(run_dir).claimed(bool(config.resume or config.resume_from), config.overwrite)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"train": config, "launch": worker_launch, "failures": failures, "groups": groups},
+        train_loop_config={"train": config, "launch": worker_launch, "records": records},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=largest if smallest == largest else (smallest, largest),
                                      use_gpu=use_gpu, elastic_resize_monitor_interval_s=launch.resize_interval,
@@ -150,7 +149,7 @@ def launch_run(config: TrainConfig, launch: LaunchConfig, callbacks: list | None
         run_config=RunConfig(name=run_name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=launch.restarts()),
                              checkpoint_config=CheckpointConfig(num_to_keep=keep),
-                             callbacks=[*(callbacks or []), report_group_failures(groups)],
+                             callbacks=[*(callbacks or []), report_group_failures(records)],
                              # Console as the engine prints it: Ray Train's print patch would log every
                              # print a second time. Of its own logs only warnings and errors show (the
                              # workers' quiet_ray_train_console covers the lines `ray.train` does not).
@@ -161,7 +160,7 @@ def launch_run(config: TrainConfig, launch: LaunchConfig, callbacks: list | None
         with claim:  # the first write into -o: everything that could refuse the run has been checked
             trainer.fit()
     except Exception as err:
-        recorded = ray.get(failures.first.remote())
+        recorded = ray.get(records.first_error.remote())
         if recorded:
             raise FatalTrainingError(*recorded) from err
         raise

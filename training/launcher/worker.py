@@ -50,19 +50,19 @@ def _resize_reason(group_starts: list[tuple[float, int]], group_failure: str | N
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker. `loop_config`: the engine's TrainConfig ("train"), the Launch, and the
-    driver's FailureLog and WorkerGroupLog actors (training/launcher/records.py)."""
+    driver's RunRecords actor ("records", training/launcher/records.py)."""
     import ray
     import ray.train
     import ray.train.torch
 
     config: TrainConfig = loop_config["train"]
-    failures, groups = loop_config["failures"], loop_config["groups"]
+    records = loop_config["records"]
     context = ray.train.get_context()
     rank = context.get_world_rank()
     # this group's size: an elastic run's groups vary within the bounds
     launch: Launch = dataclasses.replace(loop_config["launch"], workers=context.get_world_size())
     quiet_ray_train_console()
-    recorded = ray.get(failures.first.remote())
+    recorded = ray.get(records.first_error.remote())
     if recorded:  # Ray restarted us after an error that would only happen again
         raise FatalTrainingError(*recorded)
     if launch.use_gpu:
@@ -76,7 +76,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         config = dataclasses.replace(config, output_dir=staging)
     group_starts, group_failure = [(launch.started_at, launch.workers)], None
     if rank == 0:
-        group_starts, group_failure = ray.get(groups.started.remote(time.time(), launch.workers))
+        group_starts, group_failure = ray.get(records.group_started.remote(time.time(), launch.workers))
     hooks = None
     with ExitStack() as stack:
         if staging:
@@ -99,6 +99,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             step = err.step if isinstance(err, TrainingDiverged) else None if steps_done is None else steps_done + 1
             message = f"rank {rank}, {'setup' if step is None else f'step {step}'}: {err}"
             bad_input = isinstance(err, INPUT_ERRORS)
-            ray.get(failures.record.remote(message, bad_input))
+            ray.get(records.record_error.remote(message, bad_input))
             raise FatalTrainingError(message, bad_input) from err
         hooks.finish(result)
