@@ -26,6 +26,7 @@ from pathlib import Path
 from common import cli
 from common.cluster import lost_in_job_copy
 from gpt2 import mainlog
+from gpt2.model import GPTConfig
 from gpt2.rundir import HELLASWAG_RECORDS, MAIN_LOG, PLOT, SUMMARY
 
 REPO = Path(__file__).resolve().parent
@@ -101,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if why := lost_in_job_copy(args.out) or out_problem(args.out):
         parser.error(f"--out {args.out}: {why}")
+    for flag, value in (("--steps", args.steps), ("--every", args.every)):
+        if value is not None and value < 1:  # found before the corpus is tokenized, not by the training stage
+            parser.error(f"{flag} must be at least 1, got {value}")
+    try:
+        GPTConfig.from_descriptor(args.model)
+    except ValueError as err:
+        parser.error(f"--model {args.model}: {err}")
     try:
         run_demo(args.out.resolve(), args.steps, args.model, args.every or max(1, args.steps // 4))
     except StageFailed as err:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,7 @@ from common.cluster import lost_in_job_copy
 from common.files import is_url, local_path
 from pipelines.demo import files_from_demo
 from pipelines.filters import FilterConfig
-from pipelines.shards import MAX_SHARD_TOKENS
+from pipelines.shards import MAX_SHARD_TOKENS, prefix_problem
 from pipelines.sources import FINEWEB_EDU_REPO, InputError, InputFiles, files_from_glob, files_from_hub
 from pipelines.workdir import OutputDir
 
@@ -53,9 +52,8 @@ class TokenizeConfig:
             raise InputError(f"-o {self.output_dir}: --source demo builds its corpus locally; give a local -o")
         if self.prefix is None:
             self.prefix = "python_docs" if demo else "edu_fineweb" if fineweb else self._dataset_name()
-        if not self.prefix or any(part in self.prefix for part in ("/", "\\", os.sep, "..", "*", "?", "[")):
-            raise InputError(f"--prefix {self.prefix!r}: a shard name prefix, not a path (no '/', '..' or "
-                             "wildcards); the shards go into -o")
+        if why := prefix_problem(self.prefix):
+            raise InputError(f"--prefix {self.prefix!r}: {why} (-o)")
         if self.shard_size is None:
             self.shard_size = DEMO_SHARD_SIZE if demo else FINEWEB_SHARD_SIZE
         if not 1 <= self.shard_size <= MAX_SHARD_TOKENS:

@@ -50,7 +50,7 @@ from pipelines.assemble import ShardAssembler, assemble_shards
 from pipelines.encode import UnitEncoder
 from pipelines.filters import DROP_REASONS, FilterConfig, document_columns, drop_reasons
 from pipelines.plan import WorkUnit, layout_shards, plan_units, unit_bytes_for
-from pipelines.shards import MAX_SHARD_TOKENS, TOKEN_DTYPE, ShardFormatError
+from pipelines.shards import MAX_SHARD_TOKENS, TOKEN_DTYPE, ShardFormatError, prefix_problem
 from pipelines.sources import InputError, InputFiles, files_from_glob
 from pipelines.tokenizer import EOT_TOKEN, gpt2_encoding
 from pipelines.workdir import MANIFEST_FILE, PARTS_DIR, OutputDir, claimed, shard_pattern, unit_file
@@ -258,6 +258,8 @@ def write_shards(ds: Dataset, output_dir: str, prefix: str = "shard", shard_size
     returns the manifest (also written as output_dir/manifest.json)."""
     if not 1 <= shard_size <= MAX_SHARD_TOKENS:
         raise InputError(f"shard_size must be from 1 to {MAX_SHARD_TOKENS:,}, got {shard_size:,}")
+    if why := prefix_problem(prefix):
+        raise InputError(f"write_shards(): prefix {prefix!r}: {why}")
     out = OutputDir(output_dir)
     out.check_directory()
     out.makedirs()

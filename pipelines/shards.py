@@ -26,6 +26,13 @@ class ShardFormatError(ValueError):
     """A file that is not a valid llm.c token shard; the message names the file."""
 
 
+def prefix_problem(prefix: str) -> str | None:
+    """Why `prefix` cannot start shard names, or None: a name goes into the output directory, never elsewhere."""
+    if not prefix or any(part in prefix for part in ("/", "\\", os.sep, "..", "*", "?", "[")):
+        return "a shard name prefix, not a path (no '/', '..' or wildcards); the shards go into the output directory"
+    return None
+
+
 def shard_name(prefix: str, index: int) -> str:
     """llm.c's naming: shard 0 is the validation split, every later shard is train."""
     split = "val" if index == 0 else "train"

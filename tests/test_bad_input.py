@@ -299,6 +299,10 @@ CASES = [
     Case("monitor: --scrape-interval that Prometheus would refuse", lambda tmp: [
         "training/monitor.py", "install", "--temp-dir", str(tmp), "--scrape-interval", "fast"], "--scrape-interval"),
     Case("monitor: an unknown command", lambda tmp: ["training/monitor.py", "start"], "'start'"),
+    Case("demo.py: --steps 0", lambda tmp: ["demo.py", "--out", str(tmp / "demo"), "--steps", "0"], "--steps"),
+    Case("demo.py: a --model whose heads do not split its channels",
+         lambda tmp: ["demo.py", "--out", str(tmp / "demo"), "--model", "L2H3C64"], "--model L2H3C64"),
+    Case("spot_watch: --interval inf", lambda tmp: ["training/ops/spot_watch.py", "--interval", "inf"], "--interval"),
 ]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -72,3 +74,13 @@ def test_write_shards_refuses_a_directory_holding_shards(ray_cluster, corpus, tm
     with pytest.raises(InputError, match="already holds shards"):
         write_shards(ds, str(tmp_path), prefix="x", shard_size=10**6)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("prefix", ["../outside", "a/b", ""])
+def test_write_shards_refuses_a_prefix_that_is_a_path(ray_cluster, corpus, tmp_path, prefix):
+    """A shard name goes into output_dir: a prefix that climbs out of it (or names nothing) is refused before
+    anything is written."""
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=rf"^write_shards\(\): prefix '{re.escape(prefix)}': a shard name prefix"):
+        write_shards(documents(corpus[1]), str(out), prefix=prefix, shard_size=10**6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -22,7 +22,7 @@ from gpt2.interop import ModelSourceError, export_hf, load_gpt, write_llmc
 from gpt2.mainlog import EvalLog
 from gpt2.model import GPT
 from pipelines.tokenizer import gpt2_encoding
-from tests.helpers import HeldCPUs, hellaswag_records, random_model, save_model, write_jsonl
+from tests.helpers import HeldCPUs, hellaswag_records, random_model, run_cli, save_model, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,8 +166,8 @@ def test_cli_without_ray_as_a_script(checkpoint, data_file, model):
     result = json.loads(done.stdout.splitlines()[-1])
     assert {k: result[k] for k in ("num_correct", "num_correct_norm", "num_total")} == {
         k: v for k, v in evaluate(model, read_jsonl(data_file)).items() if k.startswith("num")}
-    bad = subprocess.run(command[:-1] + ["-1"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "error: --tasks must be 0" in bad.stderr
+    bad = run_cli("evals/hellaswag.py", [*command[2:-1], "-1"])  # through main(argv): the wiring is proven above
+    assert bad.returncode == 2 and "error: --tasks must be 0" in bad.stderr
     probe = "import sys, evals.hellaswag; assert 'ray' not in sys.modules, 'ray imported at load'"
     assert subprocess.run([sys.executable, "-c", probe], cwd=REPO, timeout=120).returncode == 0
 

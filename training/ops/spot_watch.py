@@ -13,6 +13,7 @@ An on-demand instance never gets a notice; off EC2 there is no metadata service,
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -107,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node-id", help="the Ray node to drain (default: the one on this machine)")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between polls (default 5)")
     args = parser.parse_args(argv)
-    if not args.interval > 0:
-        parser.error(f"--interval must be positive, got {args.interval:g}")
+    if not (math.isfinite(args.interval) and args.interval > 0):  # inf would end the watch at its first sleep
+        parser.error(f"--interval must be a finite number of seconds > 0, got {args.interval:g}")
     metadata = InstanceMetadata(args.metadata_url)
     try:
         metadata.get("/latest/meta-data/instance-id")
