@@ -147,7 +147,7 @@ def main() -> None:
                "-x", str(args.steps), "-s", "0", "-n", str(args.every), "-l", "2e-3"]
     log = MainLogWatch(out / MAIN_LOG)
     (work / "ray").mkdir()
-    with ray_head(work / "ray", num_cpus=1) as head, ExitStack() as stack:
+    with ray_head(num_cpus=1) as head, ExitStack() as stack:
         node = stack.enter_context(ray_node(head, num_cpus=1))
         console = stack.enter_context(open(work / "run.log", "w"))
         run = stack.enter_context(subprocess.Popen([*command, "--address", head.gcs_address], cwd=REPO,

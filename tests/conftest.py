@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +14,30 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.g
 # default; a report waits until the one before was taken. The tests' short runs report often, so a quicker
 # check only removes waiting. Inherited by every Ray process the tests start.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
+
+# `make test` runs two pytest-xdist workers that take a file at a time in collection order
+# (`--dist loadfile --no-loadscope-reorder`): the files with the longest runs go first, so that the short
+# ones fill in at the end and both workers finish together, rather than one waiting alone on a long file.
+LONG_FILES_FIRST = ("test_elastic.py", "test_head_node.py", "test_demo.py", "test_run_evals.py", "test_run.py",
+                    "test_pipeline.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONG_FILES_FIRST.index(name) if name in LONG_FILES_FIRST else len(LONG_FILES_FIRST)
+
+    items.sort(key=rank)  # stable: each file's own order is kept
+
+
+def pytest_configure(config):
+    """Once, before pytest-xdist starts its workers: the auth token that `ray start --head` clusters (token auth)
+    and their clients share, so that two heads starting at once in two workers never both create it."""
+    if hasattr(config, "workerinput") or (Path.home() / ".ray" / "auth_token").exists():
+        return
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"], check=True,
+                   capture_output=True)
 
 
 @pytest.fixture(scope="session")

@@ -218,14 +218,14 @@ sys.exit(main(sys.argv[2:], callbacks=[ReportGate(*gate) for gate in json.loads(
 
 
 @pytest.fixture
-def spot_head(tmp_path_factory):
+def spot_head():
     """A head of one CPU that notices a dead node within ~2 s (`health_check_failure_threshold` missed checks
     of `health_check_period_ms`); the test adds the nodes it reclaims before its run starts. A head of its
     own: Ray Train sizes an elastic group from the cluster's AutoscalingCoordinator (an actor of Ray Data),
     whose view of the nodes is refreshed every 20 s, so on a head shared with an earlier run a run could start
     before that view holds the new nodes, and start smaller."""
     fast_detection = {"health_check_period_ms": 1000, "health_check_failure_threshold": 2}
-    with ray_head(tmp_path_factory.mktemp("ray"), num_cpus=1, system_config=fast_detection) as head:
+    with ray_head(num_cpus=1, system_config=fast_detection) as head:
         yield head
 
 

@@ -8,7 +8,7 @@ from transformers import GPT2LMHeadModel
 from gpt2.checkpoint import load_part
 from gpt2.interop import LLMC_MAGIC, LlmcFormatError, read_llmc, write_llmc
 from gpt2.model import GPT, GPT2_VOCAB, PADDED_VOCAB, GPTConfig
-from tests.helpers import make_shards, tiny_config
+from tests.helpers import make_shards, run_cli, tiny_config
 from training.export import main
 from training.train import train
 
@@ -87,3 +87,15 @@ def test_training_can_start_from_an_llmc_file(model, tmp_path):
                       model=str(tmp_path / "init.bin")))
     weights = load_part(tmp_path / "run" / "ckpt_00000001", "model.pt")
     assert all(torch.equal(p, weights[n]) for n, p in model.state_dict().items())
+
+
+def test_sample_takes_a_prompt_holding_the_document_separator(model, tmp_path):
+    """<|endoftext|> in --prompt is the EOT token the model was trained on (as nanoGPT's sample.py reads it), not
+    a tiktoken error with a traceback; greedy samples depend on the prompt alone."""
+    path = tmp_path / "model.bin"
+    write_llmc(model, path)
+    argv = [str(path), "-g", "4", "--temperature", "0", "--device", "cpu", "--prompt", "<|endoftext|>The model"]
+    first, again = run_cli("training/sample.py", argv), run_cli("training/sample.py", argv)
+    assert first.returncode == 0 and not first.stderr, first.stderr
+    (text,) = [line for line in first.stdout.splitlines() if not line.startswith("--- sample")][:1]
+    assert text.startswith("<|endoftext|>The model") and first.stdout == again.stdout

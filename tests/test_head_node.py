@@ -62,11 +62,11 @@ def test_checked_in_dashboard_is_the_generated_one():
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def head():
     if not shutil.which("prometheus"):
         pytest.fail("Debian's prometheus is not installed: `make system-deps` (part of `make test`) installs it")
     # 4 logical CPUs: 2 workers x 1 and 2 HellaSwag tasks x 0.5.
-    with ray_head(tmp_path_factory.mktemp("ray"), num_cpus=4,
+    with ray_head(num_cpus=4,
                   system_config={"metrics_report_interval_ms": EXPORT_INTERVAL_S * 1000}) as head:
         yield head
 

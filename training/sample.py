@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sample.py: error: {err}", file=sys.stderr)
         return 2
     encoding = gpt2_encoding()
-    prompt = encoding.encode(args.prompt) if args.prompt else [EOT_TOKEN]
+    # <|endoftext|> typed in a prompt is the document separator the model was trained on, as in nanoGPT
+    prompt = encoding.encode(args.prompt, allowed_special={"<|endoftext|>"}) if args.prompt else [EOT_TOKEN]
     generator = torch.Generator().manual_seed(args.seed)
     for i in range(args.num_samples):
         tokens = generate(model, prompt, args.gen_tokens, generator, args.temperature)

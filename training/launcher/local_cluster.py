@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,8 +44,11 @@ class RayHead:
 
 
 @contextmanager
-def ray_head(temp_dir: Path, num_cpus: int = 2, system_config: dict | None = None) -> Iterator[RayHead]:
-    """The head, up once `ray job list` answers; `system_config`: Ray's `--system-config` overrides."""
+def ray_head(num_cpus: int = 2, system_config: dict | None = None) -> Iterator[RayHead]:
+    """The head, up once `ray job list` answers; `system_config`: Ray's `--system-config` overrides. Its temp dir
+    is a new one directly under the system's temp dir, removed afterwards: Ray puts Unix sockets in it, whose
+    paths may not exceed 107 bytes, so a test's or a benchmark's own (deeper) directory may not take them."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-"))
     gcs, dashboard, agent, agent_grpc, metrics, runtime_env, client = free_ports(7)
     env = {**os.environ, "RAY_AUTH_MODE": "token"}  # the CLI then reads ~/.ray/auth_token
     with open(temp_dir / "ray-start.log", "w") as log:
@@ -61,7 +66,8 @@ def ray_head(temp_dir: Path, num_cpus: int = 2, system_config: dict | None = Non
     deadline = time.monotonic() + 120
     try:
         while subprocess.run([*RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode:
-            assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+            assert head.poll() is None and time.monotonic() < deadline, \
+                "ray start --head did not come up: " + (temp_dir / "ray-start.log").read_text()[-3000:]
             time.sleep(2)
         yield RayHead(f"127.0.0.1:{gcs}", address, metrics, temp_dir, env)
     finally:
@@ -71,6 +77,7 @@ def ray_head(temp_dir: Path, num_cpus: int = 2, system_config: dict | None = Non
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def kill_tree(pid: int) -> None:
