@@ -27,7 +27,7 @@ demo: install
 lint:
 	$(PYTHON) -m ruff check .
 
-# Two pytest workers, a test file each at a time (its module fixtures built once), the longest files first
-# (tests/conftest.py); the slowest tests' durations close the output, so a slow test is seen when it lands.
+# Two pytest workers, a test file each at a time (its module fixtures built once; tests/conftest.py makes the
+# groups); the slowest tests' durations close the output, so a slow test is seen when it lands.
 test: install system-deps lint
-	$(PYTHON) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20
+	$(PYTHON) -m pytest -q -n 2 --dist loadgroup --durations=20

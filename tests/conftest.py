@@ -16,19 +16,17 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.g
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
-# `make test` runs two pytest-xdist workers that take a file at a time in collection order
-# (`--dist loadfile --no-loadscope-reorder`): the files with the longest runs go first, so that the short
-# ones fill in at the end and both workers finish together, rather than one waiting alone on a long file.
-LONG_FILES_FIRST = ("test_elastic.py", "test_head_node.py", "test_demo.py", "test_run_evals.py", "test_run.py",
-                    "test_pipeline.py")
+# `make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`) that take a group of tests at a time: a
+# file, whose module fixtures are then built once, except test_run.py and test_elastic.py, which both compare
+# with one reference run (`reference_run`) and so go to the same worker.
+SHARE_THE_REFERENCE_RUN = ("test_run.py", "test_elastic.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist names each test after its group
 def pytest_collection_modifyitems(items):
-    def rank(item) -> int:
-        name = item.path.name
-        return LONG_FILES_FIRST.index(name) if name in LONG_FILES_FIRST else len(LONG_FILES_FIRST)
-
-    items.sort(key=rank)  # stable: each file's own order is kept
+    for item in items:
+        group = "reference_run" if item.path.name in SHARE_THE_REFERENCE_RUN else item.path.stem
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_configure(config):
